@@ -1,0 +1,250 @@
+"""What the running kernel offers, and the attach mode chosen for each event.
+
+Every choice is a fallback chain (tracepoint, fentry, kprobe, counters) with
+the reason recorded, so `doctor` and the recording can say why.  Nothing
+here imports bcc: the one probe that needs bcc (can a tracing program load?)
+is handed in by the caller.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import platform
+import subprocess
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from .btf import VMLINUX, Btf, BtfError
+
+TRACEFS_CANDIDATES = (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing"))
+KPROBE_PMU = Path("/sys/bus/event_source/devices/kprobe")
+KALLSYMS = Path("/proc/kallsyms")
+
+TRACEPOINT, FENTRY, KPROBE, COUNTERS = "tracepoint", "fentry", "kprobe", "counters"
+
+
+class KernelError(Exception):
+    """The kernel lacks something we need: one line with the fix."""
+
+
+def release() -> str:
+    return platform.release()
+
+
+def version() -> tuple[int, int]:
+    major, minor = release().split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+def tracefs(mount: bool = False) -> Path | None:
+    """The tracefs mount; with mount=True, mount it where it belongs if absent."""
+    for p in TRACEFS_CANDIDATES:
+        if (p / "events").is_dir():
+            return p
+    if mount and os.geteuid() == 0:
+        # bcc reads tracepoint formats and attaches through tracefs; a host
+        # without it mounted (containers, minimal VMs) only needs the mount.
+        r = subprocess.run(["mount", "-t", "tracefs", "nodev", str(TRACEFS_CANDIDATES[0])],
+                           capture_output=True)
+        if r.returncode == 0 and (TRACEFS_CANDIDATES[0] / "events").is_dir():
+            return TRACEFS_CANDIDATES[0]
+    return None
+
+
+def tracepoint_exists(category: str, event: str) -> bool:
+    fs = tracefs()
+    return fs is not None and (fs / "events" / category / event / "format").exists()
+
+
+@lru_cache(maxsize=1)
+def kallsyms() -> dict[str, int]:
+    """Function and object symbols of vmlinux (not modules' ones) by name."""
+    out: dict[str, int] = {}
+    try:
+        with open(KALLSYMS) as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) == 3:
+                    out.setdefault(parts[2], int(parts[0], 16))
+    except OSError:
+        pass
+    return out
+
+
+def symbol(name: str) -> bool:
+    """A symbol exists, i.e. the function was not inlined away."""
+    return name in kallsyms()
+
+
+@lru_cache(maxsize=1)
+def kconfig() -> dict[str, str]:
+    for path in (Path("/proc/config.gz"), Path(f"/boot/config-{release()}")):
+        try:
+            raw = path.read_bytes()
+        except OSError:
+            continue
+        text = gzip.decompress(raw).decode() if path.suffix == ".gz" else raw.decode()
+        out = {}
+        for line in text.splitlines():
+            if line.startswith("CONFIG_"):
+                k, _, v = line.partition("=")
+                out[k] = v
+            elif line.startswith("# CONFIG_") and line.endswith(" is not set"):
+                out[line[2:-11]] = "n"
+        return out
+    return {}
+
+
+def kprobes() -> tuple[bool, str]:
+    """Can kprobes attach? bcc uses the kprobe PMU, else tracefs kprobe_events."""
+    if KPROBE_PMU.exists():
+        return True, "kprobe PMU present"
+    fs = tracefs()
+    if fs and (fs / "kprobe_events").exists():
+        return True, "tracefs kprobe_events present"
+    if kconfig().get("CONFIG_KPROBES") == "n":
+        return False, "kernel built without CONFIG_KPROBES"
+    return False, "no kprobe PMU and no kprobe_events in tracefs"
+
+
+@lru_cache(maxsize=1)
+def btf() -> Btf | None:
+    try:
+        return Btf.load(VMLINUX)
+    except BtfError:
+        return None
+
+
+@dataclass
+class Attach:
+    """How one event is traced, and why."""
+    event: str
+    mode: str          # tracepoint | fentry | kprobe | counters
+    hook: str          # what is attached to (or the counter read)
+    why: str
+
+    def as_dict(self):
+        return asdict(self)
+
+
+@dataclass
+class Capabilities:
+    kernel: str
+    tracefs: str | None
+    btf: bool
+    kprobes: tuple[bool, str]
+    fentry: tuple[bool, str]
+
+
+def capabilities(fentry_probe=None) -> Capabilities:
+    """fentry_probe() -> (ok, why) actually loads a tracing program (needs bcc)."""
+    fs = tracefs(mount=True)
+    has_btf = btf() is not None
+    if not has_btf:
+        fentry = (False, f"no kernel BTF ({VMLINUX}); CONFIG_DEBUG_INFO_BTF=y is needed")
+    elif fentry_probe is None:
+        fentry = (False, "not probed")
+    else:
+        fentry = fentry_probe()
+    return Capabilities(release(), str(fs) if fs else None, has_btf, kprobes(), fentry)
+
+
+def _fn_hookable(cap: Capabilities, fn: str) -> tuple[str, str] | None:
+    """fentry, else kprobe, for one kernel function; None if neither."""
+    b = btf()
+    if not symbol(fn):
+        return None
+    if cap.fentry[0] and b is not None and b.has_func(fn):
+        return FENTRY, f"BPF trampolines work and {fn} has BTF"
+    if cap.kprobes[0]:
+        return KPROBE, f"{fn} is in kallsyms and kprobes attach ({cap.kprobes[1]})"
+    return None
+
+
+def _no_hook(cap: Capabilities, fn: str) -> str:
+    reasons = []
+    if not symbol(fn):
+        reasons.append(f"{fn} is not in kallsyms (inlined)")
+    else:
+        reasons.append(f"kprobes: {cap.kprobes[1]}; fentry: {cap.fentry[1]}")
+    return "; ".join(reasons)
+
+
+def ksm_plan(cap: Capabilities) -> tuple[str, list[Attach]]:
+    """The KSM program variant and the attach mode of every KSM event."""
+    if tracepoint_exists("ksm", "ksm_merge_with_ksm_page"):
+        why = "KSM tracepoints exist (Linux 6.4+)"
+        plan = [
+            Attach("merges", TRACEPOINT, "ksm:ksm_merge_with_ksm_page", why),
+            Attach("zero_page_merges", TRACEPOINT, "ksm:ksm_merge_one_page", why),
+            Attach("unmerges", TRACEPOINT, "ksm:ksm_remove_rmap_item, ksm:ksm_remove_ksm_page",
+                   why + "; COW breaks are seen lazily, through ksm_merging_pages"),
+            Attach("scan_passes", TRACEPOINT, "ksm:ksm_start_scan, ksm:ksm_stop_scan", why),
+            Attach("ksm_enter_exit", TRACEPOINT, "ksm:ksm_enter, ksm:ksm_exit", why),
+        ]
+        if tracepoint_exists("ksm", "ksm_advisor"):
+            plan.append(Attach("advisor", TRACEPOINT, "ksm:ksm_advisor",
+                               "ksm_advisor tracepoint exists (Linux 6.8+)"))
+        else:
+            plan.append(Attach("advisor", COUNTERS, "-", "no ksm_advisor tracepoint (before 6.8)"))
+        return TRACEPOINT, plan
+
+    merge = _fn_hookable(cap, "try_to_merge_one_page")
+    if merge is None:
+        why = ("no KSM tracepoints (before Linux 6.4) and try_to_merge_one_page cannot be "
+               "hooked: " + _no_hook(cap, "try_to_merge_one_page"))
+        return COUNTERS, [
+            Attach("merges", COUNTERS, "/sys/kernel/mm/ksm, /proc/PID/ksm_merging_pages", why),
+            Attach("scan_passes", COUNTERS, "/sys/kernel/mm/ksm/full_scans", why),
+        ]
+    mode, why = merge
+    plan = [Attach("merges", mode, "try_to_merge_one_page",
+                   "no KSM tracepoints (before Linux 6.4); " + why)]
+    for fn in ("remove_rmap_item_from_tree", "break_ksm"):
+        hook = _fn_hookable(cap, fn)
+        if hook and hook[0] == mode:
+            plan.append(Attach("unmerges" if fn.startswith("remove") else "break_ksm",
+                               mode, fn, hook[1]))
+        else:
+            plan.append(Attach("unmerges" if fn.startswith("remove") else "break_ksm",
+                               COUNTERS, "/proc/PID/ksm_merging_pages", _no_hook(cap, fn)))
+    plan.append(Attach("scan_passes", COUNTERS, "/sys/kernel/mm/ksm/full_scans",
+                       "ksm_do_scan() is inlined on distribution kernels"))
+    plan.append(Attach("ksm_enter_exit", COUNTERS, "/proc/PID/ksm_stat",
+                       "no ksm_enter/ksm_exit tracepoints; processes found by polling"))
+    return mode, plan
+
+
+def ksm_defines(mode: str) -> dict[str, int]:
+    """The constants the KSM program is compiled with (see bpf/overcommit.h)."""
+    b = btf()
+    if b is None:
+        raise KernelError(f"no kernel BTF at {VMLINUX}: attribution needs struct offsets "
+                          "(CONFIG_DEBUG_INFO_BTF=y)")
+    d = {
+        "OC_ATTACH_TRACEPOINT": int(mode == TRACEPOINT),
+        "OC_ATTACH_KPROBE": int(mode == KPROBE),
+        "OC_ATTACH_FENTRY": int(mode == FENTRY),
+        "OC_TASK_TGID_OFFSET": b.offsetof("task_struct", "tgid"),
+        "OC_TASK_MM_OFFSET": b.offsetof("task_struct", "mm"),
+        "OC_MM_OWNER_OFFSET": _or(b.offsetof("mm_struct", "owner"), -1),  # CONFIG_MEMCG
+        "OC_HAVE_KSM_ADVISOR": int(tracepoint_exists("ksm", "ksm_advisor")),
+    }
+    if mode in (KPROBE, FENTRY):
+        # struct rmap_item became struct ksm_rmap_item in 6.4
+        rmap = "ksm_rmap_item" if b.has_struct("ksm_rmap_item") else "rmap_item"
+        d.update({
+            "OC_VMA_MM_OFFSET": b.offsetof("vm_area_struct", "vm_mm"),
+            "OC_RMAP_ITEM_MM_OFFSET": b.offsetof(rmap, "mm"),
+            "OC_RMAP_ITEM_ADDRESS_OFFSET": b.offsetof(rmap, "address"),
+            "OC_STRUCT_PAGE_SIZE": b.sizeof("page"),
+            # x86_64 VMEMMAP_START without CONFIG_RANDOMIZE_MEMORY
+            "OC_VMEMMAP_BASE": 0xFFFFEA0000000000,
+            "OC_VMEMMAP_BASE_SYM": kallsyms().get("vmemmap_base", 0),
+        })
+    return d
+
+
+def _or(value, default):
+    return default if value is None else value

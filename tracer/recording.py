@@ -1,0 +1,174 @@
+"""The recording file: one Arrow IPC (Feather v2) file, one long table.
+
+A cleanly closed recording is an ordinary Feather file::
+
+    df = pandas.read_feather("ksm.arrow")
+
+and its metadata is ``json.loads(pyarrow.ipc.open_file(path).schema.metadata[b"overcommit"])``.
+
+Crash safety comes from the layout of the IPC file format: the magic, then
+the schema and the record batches exactly as in the stream format, then a
+footer written on close.  Every interval is one record batch, flushed and
+fsync'ed, so after ``kill -9`` everything but the footer (and at most the
+interval being written) is on disk; :func:`read` then reads the batches as a
+stream and reports the recording as not closed.
+
+Rows (column ``record`` says which kind of row):
+
+========  ===========================================================
+record    meaning
+========  ===========================================================
+count     in-kernel event counts of one interval: name = event kind,
+          pid/comm/vm = the process the pages belong to, value = count
+ksm       /sys/kernel/mm/ksm/<name> sampled at the end of the interval
+vmstat    /proc/vmstat <name>
+ksm_stat  /proc/<pid>/ksm_stat <name> of a KSM process
+process   a process seen: name = ksm_enter, ksm_exit, running (there at
+          the start), gone; t = when
+scan      one full pass of ksmd: seq, duration_ns, value = rmap_entries
+advisor   a KSM advisor decision: name = pages_to_scan / cpu_percent /
+          scan_time_ns, value
+event     one streamed event (--events): name = kind, pid, pfn, err
+lost      events lost so far (cumulative): name = kind, value
+interval  end of interval: value = its length in ns
+end       the recording was closed cleanly
+========  ===========================================================
+
+``t`` is seconds since the start of the recording (CLOCK_MONOTONIC).
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import pyarrow as pa
+import pyarrow.ipc as ipc
+
+SCHEMA_VERSION = 1
+MAGIC = b"ARROW1"
+META_KEY = b"overcommit"
+
+COLUMNS = pa.schema([
+    ("t", pa.float64()),
+    ("interval", pa.int32()),
+    ("record", pa.string()),
+    ("name", pa.string()),
+    ("pid", pa.int32()),
+    ("comm", pa.string()),
+    ("vm", pa.string()),
+    ("value", pa.int64()),
+    ("pfn", pa.uint64()),
+    ("err", pa.int32()),
+    ("seq", pa.int64()),
+    ("duration_ns", pa.int64()),
+])
+
+
+class RecordingError(Exception):
+    """A recording that cannot be read: one line for the user."""
+
+
+class Writer:
+    """Appends one record batch per interval; survives being killed."""
+
+    def __init__(self, path: Path | str, meta: dict[str, Any]):
+        self.path = Path(path)
+        meta = {"schema": SCHEMA_VERSION, **meta}
+        self._file: BinaryIO = open(self.path, "wb")
+        self._writer = ipc.new_file(
+            self._file, COLUMNS.with_metadata({META_KEY: json.dumps(meta)}),
+            options=ipc.IpcWriteOptions(compression="zstd"))
+        self._sync()
+
+    def write(self, rows: list[dict[str, Any]]) -> None:
+        if not rows:
+            return
+        cols = {name: [r.get(name) for r in rows] for name in COLUMNS.names}
+        self._writer.write_batch(pa.RecordBatch.from_pydict(cols, schema=COLUMNS))
+        self._sync()
+
+    def _sync(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        self._writer.close()
+        self._sync()
+        self._file.close()
+
+
+@dataclass
+class Recording:
+    path: Path
+    meta: dict[str, Any]
+    table: pa.Table
+    closed: bool                 # footer present: closed cleanly
+    damaged_bytes: int = 0       # trailing bytes that could not be read
+    notes: list[str] = field(default_factory=list)
+
+    def frame(self):
+        """The rows as a pandas DataFrame (strings as categories)."""
+        df = self.table.to_pandas()
+        for col in ("record", "name", "comm", "vm"):
+            df[col] = df[col].astype("category")
+        return df
+
+
+def read(path: Path | str) -> Recording:
+    """Read a recording, closed or not. Raises RecordingError with one line."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise RecordingError(f"{path}: {e.strerror}") from e
+    if not data.startswith(MAGIC):
+        raise RecordingError(f"{path}: not an overcommit recording (no Arrow IPC magic)")
+    if data.endswith(MAGIC):
+        try:
+            reader = ipc.open_file(pa.py_buffer(data))
+            table = reader.read_all()
+            return Recording(path, _meta(table.schema, path), table, closed=True)
+        except pa.ArrowInvalid:
+            pass  # a footer-looking tail that is not one: read as a stream
+    return _read_unclosed(path, data)
+
+
+def _read_unclosed(path: Path, data: bytes) -> Recording:
+    # The IPC file format pads the 6-byte magic to 8 bytes; the stream follows.
+    buf = io.BytesIO(data[8:])
+    try:
+        reader = ipc.open_stream(buf)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise RecordingError(f"{path}: truncated or corrupt before the first interval ({e})") from e
+    batches, good_end = [], buf.tell()
+    while True:
+        try:
+            batches.append(reader.read_next_batch())
+            good_end = buf.tell()
+        except StopIteration:
+            break
+        except (pa.ArrowInvalid, OSError, EOFError):
+            break
+    table = pa.Table.from_batches(batches, schema=reader.schema)
+    damaged = len(data) - 8 - good_end
+    rec = Recording(path, _meta(reader.schema, path), table, closed=False,
+                    damaged_bytes=max(damaged, 0))
+    rec.notes.append("recording was not closed (the recorder was killed?): "
+                     f"{len(batches)} record batches read"
+                     + (f", {rec.damaged_bytes} trailing bytes unreadable" if rec.damaged_bytes else ""))
+    return rec
+
+
+def _meta(schema: pa.Schema, path: Path) -> dict[str, Any]:
+    raw = (schema.metadata or {}).get(META_KEY)
+    if raw is None:
+        raise RecordingError(f"{path}: Arrow file without overcommit metadata")
+    meta = json.loads(raw)
+    if meta.get("schema", 0) > SCHEMA_VERSION:
+        raise RecordingError(f"{path}: recording schema {meta['schema']} is newer "
+                             f"than this overcommit understands ({SCHEMA_VERSION})")
+    return meta
