@@ -29,11 +29,12 @@ struct oc_pending {
 BPF_ARRAY(pending, struct oc_pending, 1);
 
 /*
- * One outcome of merging a page.  `kpage` is the KSM page it was merged with,
- * 0 when the page itself was made a KSM page; `page_id` names the page the
- * partner will be merged into (compared with `kpage` of the next call).
+ * One outcome of merging a page.  `kpage` names the KSM page it was merged
+ * with, 0 when the page itself was made a KSM page; `page` names the page
+ * (the partner's next call then has kpage == page).  Names are frame numbers
+ * for tracepoints, struct page pointers for kprobe/fentry.
  */
-static __always_inline void oc_merge_outcome(u32 tgid, u64 kpage, u64 page_id,
+static __always_inline void oc_merge_outcome(u32 tgid, u64 kpage, u64 page,
 					     u64 pfn, int err)
 {
 	u32 zero = 0;
@@ -46,7 +47,7 @@ static __always_inline void oc_merge_outcome(u32 tgid, u64 kpage, u64 page_id,
 			oc_event(tgid, OC_MERGE_FAILED, pfn, err);
 			return;
 		}
-		p->page = page_id;
+		p->page = page;
 		p->pfn = pfn;
 		p->tgid = tgid;
 		p->valid = 1;
@@ -64,9 +65,15 @@ static __always_inline void oc_merge_outcome(u32 tgid, u64 kpage, u64 page_id,
 
 TRACEPOINT_PROBE(ksm, ksm_merge_with_ksm_page)
 {
-	/* pfn is page_to_pfn(ksm_page ?: page): the KSM page's frame either way */
-	oc_merge_outcome(oc_mm_tgid((u64)args->mm), (u64)args->ksm_page,
-			 args->pfn, args->pfn, args->err);
+	/*
+	 * pfn is page_to_pfn(ksm_page ?: page): the page's own frame when it is
+	 * made a KSM page, the KSM page's frame when merged into one.  So the
+	 * partner's pfn names the page the first call made a KSM page.
+	 */
+	u64 pfn = args->pfn;
+
+	oc_merge_outcome(oc_mm_tgid((u64)args->mm), args->ksm_page ? pfn : 0,
+			 pfn, pfn, args->err);
 	return 0;
 }
 

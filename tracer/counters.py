@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import signal
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -95,7 +96,10 @@ def read_ksm_settings(root: Path = Path("/")) -> dict[str, str | int]:
         except FileNotFoundError:  # older kernel, or merge_across_nodes without NUMA
             continue
         if name == "advisor_mode":
-            settings[name] = text[text.index("[") + 1 : text.index("]")]
+            # "[none] scan-time": the bracketed word is selected. Writes take the
+            # bare word; a tree written by write_ksm_settings reads back as such.
+            selected = re.search(r"\[(.+?)\]", text)
+            settings[name] = selected.group(1) if selected else text.strip()
         else:
             settings[name] = int(text)
     return settings
@@ -170,10 +174,9 @@ def _restore(saved: Mapping[str, str | int], root: Path) -> None:
             # The advisor owns pages_to_scan (writes are refused with EINVAL).
             todo.pop("pages_to_scan", None)
         if todo.keys() & _NEED_EMPTY_STABLE_TREE and read_ksm(root).get("pages_shared"):
+            # run is always saved along with these knobs, so it is restored last.
             _write_setting(_ksm_dir(root), "run", RUN_UNMERGE)
             todo["run"] = saved["run"]
-            if todo["run"] == RUN_UNMERGE:
-                del todo["run"]
         write_ksm_settings(todo, root)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
@@ -203,6 +206,9 @@ def _read_proc_file(path: Path) -> str | None:
         raise
 
 
+_YES_NO = {"yes": 1, "no": 0}
+
+
 def read_ksm_stat(pid: int, root: Path = Path("/")) -> dict[str, int] | None:
     """A process's KSM counters from /proc/PID/ksm_stat (6.1+), or None if gone.
 
@@ -217,12 +223,12 @@ def read_ksm_stat(pid: int, root: Path = Path("/")) -> dict[str, int] | None:
     for line in (stat or "").splitlines():
         name, _, value = line.partition(" ")
         value = value.strip()
-        values[name.rstrip(":")] = {"yes": 1, "no": 0}.get(value) or int(value)
+        values[name.rstrip(":")] = _YES_NO[value] if value in _YES_NO else int(value)
     if "ksm_merging_pages" not in values:
         merging = _read_proc_file(proc / "ksm_merging_pages")
-        if merging is None:
-            return values if stat is not None else None
-        if merging.strip():  # empty for processes without an mm
+        if merging is None and stat is None:
+            return None
+        if merging and merging.strip():  # empty for processes without an mm
             values["ksm_merging_pages"] = int(merging)
     return values
 

@@ -5,6 +5,7 @@ parsing) works on machines without it.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 from pathlib import Path
@@ -104,8 +105,9 @@ def fentry_probe() -> tuple[bool, str]:
         class _NoAttach(bcc.BPF):
             def _trace_autoload(self):
                 pass
-        b = _NoAttach(text=b"KFUNC_PROBE(do_nanosleep, u64 t) { return 0; }")
-        b.load_func(b"kfunc__do_nanosleep", bcc.BPF.TRACING)
+        with quiet_stderr():  # libbcc prints the verifier's refusal itself
+            b = _NoAttach(text=b"KFUNC_PROBE(do_nanosleep, u64 t) { return 0; }")
+            b.load_func(b"kfunc__do_nanosleep", bcc.BPF.TRACING)
         b.cleanup()
         return True, "a tracing program loaded"
     except Exception:
@@ -188,6 +190,20 @@ class KsmProbe:
 
     def close(self) -> None:
         self.bpf.cleanup()
+
+
+@contextlib.contextmanager
+def quiet_stderr():
+    """Silence what libbcc writes to fd 2 (not Python's sys.stderr)."""
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def is_root() -> bool:

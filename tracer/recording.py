@@ -91,6 +91,10 @@ class Writer:
         self._writer.write_batch(pa.RecordBatch.from_pydict(cols, schema=COLUMNS))
         self._sync()
 
+    def write_batch(self, batch: pa.RecordBatch) -> None:
+        self._writer.write_batch(batch)
+        self._sync()
+
     def _sync(self) -> None:
         self._file.flush()
         os.fsync(self._file.fileno())
