@@ -1,5 +1,7 @@
 """Unit tests of tracer.counters against fixture trees (no root, no KSM needed)."""
 
+from __future__ import annotations
+
 import shutil
 from pathlib import Path
 
@@ -55,7 +57,7 @@ def test_read_ksm_old_kernel() -> None:
     ksm = read_ksm(OLD)
     assert len(ksm) == 14
     assert ksm["pages_shared"] + ksm["pages_sharing"] == 1200
-    for name in ("general_profit", "ksm_zero_pages", "smart_scan", "advisor_max_cpu", "pages_scanned"):
+    for name in ("general_profit", "ksm_zero_pages", "smart_scan", "advisor_max_cpu"):
         assert name not in ksm
 
 
@@ -119,7 +121,8 @@ def test_write_ksm_settings(host: Path) -> None:
 def test_write_order(host: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     written = []
     monkeypatch.setattr(counters, "_write_setting", lambda ksm, name, value: written.append(name))
-    write_ksm_settings({"run": 1, "max_page_sharing": 512, "pages_to_scan": 1, "advisor_mode": "none"}, host)
+    changes = {"run": 1, "max_page_sharing": 512, "pages_to_scan": 1, "advisor_mode": "none"}
+    write_ksm_settings(changes, host)
     assert written == ["advisor_mode", "pages_to_scan", "max_page_sharing", "run"]
     written.clear()
     write_ksm_settings({"merge_across_nodes": 0, "run": 2}, host)
@@ -129,7 +132,8 @@ def test_write_order(host: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 def test_settings_context_restores(host: Path) -> None:
     before = read_ksm_settings(host)
     with ksm_settings({"run": 0, "pages_to_scan": 20000, "sleep_millisecs": 0}, host):
-        assert read_ksm_settings(host) == before | {"run": 0, "pages_to_scan": 20000, "sleep_millisecs": 0}
+        changed = {"run": 0, "pages_to_scan": 20000, "sleep_millisecs": 0}
+        assert read_ksm_settings(host) == before | changed
     assert read_ksm_settings(host) == before
 
 
@@ -163,14 +167,39 @@ def test_settings_context_unmerges_to_restore_structural_knob(
     monkeypatch.setattr(counters, "_write_setting", record)
     with ksm_settings({"max_page_sharing": 512}, host):
         pass  # pages_shared is 14 in the fixture: restoring needs run=2 first
-    assert written == [("max_page_sharing", 512), ("run", 2), ("max_page_sharing", 256), ("run", 1)]
+    assert written == [
+        ("max_page_sharing", 512),
+        ("run", 2),
+        ("max_page_sharing", 256),
+        ("run", 1),
+    ]
     assert read_ksm_settings(host)["max_page_sharing"] == 256
 
 
 def test_settings_context_unknown_knob() -> None:
-    with pytest.raises(ValueError, match="smart_scan"):
+    with pytest.raises(ValueError, match="lacks KSM settings: smart_scan"):
         with ksm_settings({"smart_scan": 0}, OLD):
             pass
+    with pytest.raises(ValueError, match="not KSM settings: pages_shared"):
+        with ksm_settings({"pages_shared": 0}, HOST):
+            pass
+
+
+def test_settings_context_restores_the_rest_after_a_refusal(
+    host: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_write = counters._write_setting
+    with pytest.raises(OSError, match="sleep_millisecs"):
+        with ksm_settings({"sleep_millisecs": 0, "run": 0}, host):
+
+            def refuse_sleep(ksm: Path, name: str, value: object) -> None:
+                if name == "sleep_millisecs":
+                    raise OSError(16, f"cannot set KSM {name}={value}: Device or resource busy")
+                real_write(ksm, name, value)
+
+            monkeypatch.setattr(counters, "_write_setting", refuse_sleep)
+    assert ksm_file(host, "run") == "1\n"
+    assert ksm_file(host, "sleep_millisecs") == "0\n"
 
 
 def test_read_vmstat() -> None:

@@ -1,5 +1,7 @@
 """Tests of the built-in workload, run as a subprocess (no root, KSM need not run)."""
 
+from __future__ import annotations
+
 import mmap
 import os
 import re
@@ -16,11 +18,16 @@ from tracer.counters import read_ksm_stat
 from tracer.workload import PAGE_SIZE, page_content, run
 
 REPO = Path(__file__).resolve().parents[1]
-WORKLOAD = [sys.executable, "-c", "from tracer.workload import workload_command; workload_command()"]
+WORKLOAD = [
+    sys.executable,
+    "-c",
+    "from tracer.workload import workload_command; workload_command()",
+]
 
 
 def start(*args: str) -> subprocess.Popen[str]:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, PYTHONPATH=path)
     return subprocess.Popen(
         WORKLOAD + list(args), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -66,7 +73,7 @@ def test_mapping_is_mergeable_with_distinct_contents(workload: list) -> None:
     proc = start("--pages", "101", "--distinct", "7", "--hold", "60")
     workload.append(proc)
     line = read_line(proc)
-    assert line.startswith(f"workload: pid {proc.pid}, 101 pages (0.4 MiB) MADV_MERGEABLE, 7 distinct")
+    assert line.startswith(f"workload: pid {proc.pid}, 101 pages (0.4 MiB) MADV_MERGEABLE, 7 ")
 
     [(begin, end, size_kb)] = mergeable_mappings(proc.pid)
     assert size_kb == 101 * PAGE_SIZE // 1024
@@ -118,7 +125,7 @@ def test_unmerge_rewrites_every_page(workload: list) -> None:
         ([], "either --mib N or --pages N"),
         (["--mib", "1", "--pages", "3"], "either --mib N or --pages N"),
         (["--pages", "3", "--distinct", "0"], "'--distinct': 0 is not in the range"),
-        (["--pages", "3", "--distinct", "4"], "distinct contents (4) must be between 1 and the 3 pages"),
+        (["--pages", "3", "--distinct", "4"], "distinct contents (4) must be between 1 and the 3"),
         (["--pages", "3", "--hold", "1", "--unmerge-after", "2"], "must be between 0 and hold"),
         (["--mib", "-1"], "'--mib': -1.0 is not in the range"),
     ],
@@ -143,7 +150,10 @@ def test_mmap_failure_is_one_line(workload: list) -> None:
 def test_mib_rounds_up_to_whole_pages() -> None:
     lines: list[str] = []
     run(mib=0.01, hold=0, ready=lines.append)
-    assert lines == [f"workload: pid {os.getpid()}, 3 pages (0.0 MiB) MADV_MERGEABLE, 1 distinct contents, holding 0s"]
+    assert lines == [
+        f"workload: pid {os.getpid()}, 3 pages (0.0 MiB) MADV_MERGEABLE, "
+        "1 distinct contents, holding 0s"
+    ]
 
 
 def test_page_content() -> None:

@@ -117,20 +117,25 @@ def _write_setting(ksm: Path, name: str, value: str | int) -> None:
         ) from None
 
 
+def _write_order(settings: Mapping[str, str | int]) -> list[str]:
+    """The names of ``settings`` in the order to write them; ValueError if not knobs."""
+    unknown = set(settings) - set(KSM_SETTINGS)
+    if unknown:
+        raise ValueError(f"not KSM settings: {', '.join(sorted(unknown))}")
+    order = [name for name in KSM_SETTINGS if name in settings]
+    if settings.get("run") == RUN_UNMERGE:
+        order.insert(0, order.pop())
+    return order
+
+
 def write_ksm_settings(settings: Mapping[str, str | int], root: Path = Path("/")) -> None:
     """Write KSM knobs in the order the kernel accepts (see KSM_SETTINGS).
 
     advisor_mode is the bare word ("none" or "scan-time"). Raises ValueError for
     names that are not knobs and OSError (naming the knob) when the kernel refuses.
     """
-    unknown = set(settings) - set(KSM_SETTINGS)
-    if unknown:
-        raise ValueError(f"not KSM settings: {', '.join(sorted(unknown))}")
     ksm = _ksm_dir(root)
-    order = [name for name in KSM_SETTINGS if name in settings]
-    if settings.get("run") == RUN_UNMERGE:
-        order.insert(0, order.pop())
-    for name in order:
+    for name in _write_order(settings):
         _write_setting(ksm, name, settings[name])
 
 
@@ -140,15 +145,18 @@ def ksm_settings(changes: Mapping[str, str | int], root: Path = Path("/")) -> It
 
     Saves every knob it will change (including knobs the kernel changes as a side
     effect), applies ``changes`` and restores the saved values on exit, also on
-    exceptions and KeyboardInterrupt. Only knobs that differ are written back.
+    exceptions and KeyboardInterrupt. Only knobs that differ are written back;
+    if the kernel refuses one, the others are still restored and the first error
+    is raised.
     If merge_across_nodes or max_page_sharing must be restored while KSM pages
     exist, everything is unmerged first (run=2, the only way the kernel allows
     it), then run is restored last.
     """
+    _write_order(changes)  # ValueError for names that are not knobs
     current = read_ksm_settings(root)
     missing = set(changes) - set(current)
     if missing:
-        raise ValueError(f"this kernel has no KSM settings: {', '.join(sorted(missing))}")
+        raise ValueError(f"this kernel lacks KSM settings: {', '.join(sorted(missing))}")
     names = set(changes)
     if "advisor_mode" in names:
         names.add("pages_to_scan")  # reset by the kernel on a mode switch
@@ -177,7 +185,14 @@ def _restore(saved: Mapping[str, str | int], root: Path) -> None:
             # run is always saved along with these knobs, so it is restored last.
             _write_setting(_ksm_dir(root), "run", RUN_UNMERGE)
             todo["run"] = saved["run"]
-        write_ksm_settings(todo, root)
+        errors = []
+        for name in _write_order(todo):
+            try:
+                _write_setting(_ksm_dir(root), name, todo[name])
+            except OSError as e:
+                errors.append(e)
+        if errors:
+            raise errors[0]
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 

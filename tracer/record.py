@@ -80,6 +80,7 @@ class Recorder:
         self.alive: set[int] = set()
         self.index = 0
         self.events_total = 0
+        self.pending_rows: list[dict] = []
         meta = {
             "tool": "overcommit", "version": __version__,
             "host": socket.gethostname(), "kernel": platform.release(),
@@ -218,8 +219,15 @@ class Recorder:
                 time.sleep(min(left, 0.1))
         return self._flush(time.monotonic() - start)
 
+    def add_rows(self, rows: list[dict]) -> None:
+        """Rows from outside the kernel (e.g. the lab's QMP guest-stats),
+        written with the next interval; `t` and `interval` are filled in."""
+        t = self._t()
+        self.pending_rows += [{"t": t, **r} for r in rows]
+
     def _flush(self, elapsed: float) -> int:
-        rows: list[dict] = []
+        rows: list[dict] = [{**r, "interval": self.index} for r in self.pending_rows]
+        self.pending_rows = []
         batch = None
         if self.probe is not None:
             ev, rare = self.probe.drain()

@@ -55,7 +55,8 @@ def run(
     Give ``mib`` (rounded up to whole pages) or exactly ``pages``. Page i gets
     content i % distinct. ``ready`` receives one line once the memory is filled;
     ``hold`` and ``unmerge_after`` count from then. After ``unmerge_after``
-    seconds every page is rewritten with unique content (a KSM unmerge).
+    seconds every page is rewritten with unique content (a KSM unmerge) and
+    ``ready`` receives a second line.
     Raises ValueError for bad arguments and OSError when mmap/madvise fail.
     """
     if (mib is None) == (pages is None):
@@ -67,7 +68,9 @@ def run(
     if pages < 1:
         raise ValueError(f"pages must be positive, not {pages}")
     if not 1 <= distinct <= pages:
-        raise ValueError(f"distinct contents ({distinct}) must be between 1 and the {pages} pages mapped")
+        raise ValueError(
+            f"distinct contents ({distinct}) must be between 1 and the {pages} pages mapped"
+        )
     if hold < 0 or (unmerge_after is not None and not 0 <= unmerge_after <= hold):
         raise ValueError(f"unmerge-after ({unmerge_after}s) must be between 0 and hold ({hold}s)")
 
@@ -120,14 +123,49 @@ Examples:
       Own content; after 30 s every page is rewritten (KSM unmerge: COW breaks).
 """,
 )
-@click.option("--mib", type=click.FloatRange(min=0, min_open=True), help="Size in MiB (rounded up to whole pages).")
-@click.option("--pages", type=click.IntRange(min=1), help="Size as an exact number of pages (instead of --mib).")
-@click.option("--distinct", type=click.IntRange(min=1), default=1, show_default=True, help="Number of distinct page contents.")
-@click.option("--hold", type=click.FloatRange(min=0), default=60.0, show_default=True, help="Seconds to hold the memory once filled, then exit.")
-@click.option("--unmerge-after", type=click.FloatRange(min=0), help="Seconds after which every page gets unique content (breaks KSM sharing).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Content seed: processes share content only with the same seed.")
+@click.option(
+    "--mib",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Size in MiB (rounded up to whole pages).",
+)
+@click.option(
+    "--pages",
+    type=click.IntRange(min=1),
+    help="Size as an exact number of pages (instead of --mib).",
+)
+@click.option(
+    "--distinct",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Number of distinct page contents.",
+)
+@click.option(
+    "--hold",
+    type=click.FloatRange(min=0),
+    default=60.0,
+    show_default=True,
+    help="Seconds to hold the memory once filled, then exit.",
+)
+@click.option(
+    "--unmerge-after",
+    type=click.FloatRange(min=0),
+    help="Seconds after which every page gets unique content (breaks KSM sharing).",
+)
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Content seed: processes share content only with the same seed.",
+)
 def workload_command(
-    mib: float | None, pages: int | None, distinct: int, hold: float, unmerge_after: float | None, seed: int
+    mib: float | None,
+    pages: int | None,
+    distinct: int,
+    hold: float,
+    unmerge_after: float | None,
+    seed: int,
 ) -> None:
     """Hold MADV_MERGEABLE memory with a known number of distinct pages for KSM to merge.
 
