@@ -3,9 +3,9 @@
  * KSM: what ksmd merges and unmerges, per process, and its scan passes.
  *
  * One source, three attach variants, chosen by tracer/kernel.py:
- *   OC_ATTACH_TRACEPOINT  include/trace/events/ksm.h (Linux 6.4+)
- *   OC_ATTACH_KPROBE      older kernels with kprobes
- *   OC_ATTACH_FENTRY      older kernels with BPF trampolines
+ *   OC_KSM_TRACEPOINT  include/trace/events/ksm.h (Linux 6.4+)
+ *   OC_KSM_KPROBE      older kernels with kprobes
+ *   OC_KSM_FENTRY      older kernels with BPF trampolines
  * Before 6.4 ksm_do_scan() is always inlined by distribution compilers, so
  * the kprobe/fentry variants have no scan-pass hook: full passes then come
  * from /sys/kernel/mm/ksm/full_scans.
@@ -61,7 +61,7 @@ static __always_inline void oc_merge_outcome(u32 tgid, u64 kpage, u64 page,
 	oc_event(tgid, err ? OC_MERGE_FAILED : OC_MERGE_WITH_KSM_PAGE, pfn, err);
 }
 
-#if OC_ATTACH_TRACEPOINT
+#if OC_KSM_TRACEPOINT
 
 TRACEPOINT_PROBE(ksm, ksm_merge_with_ksm_page)
 {
@@ -189,21 +189,7 @@ TRACEPOINT_PROBE(ksm, ksm_advisor)
 }
 #endif
 
-#else /* kprobe or fentry: Linux 4.10 .. 6.3 */
-
-/*
- * Without tracepoints the struct page pointer is what we get.  Frame numbers
- * follow from the vmemmap array (x86_64 SPARSEMEM_VMEMMAP): vmemmap_base is a
- * variable under CONFIG_RANDOMIZE_MEMORY, a constant otherwise.
- */
-static __always_inline u64 oc_page_to_pfn(u64 page)
-{
-	u64 base = OC_VMEMMAP_BASE;
-#if OC_VMEMMAP_BASE_SYM
-	bpf_probe_read_kernel(&base, sizeof(base), (void *)OC_VMEMMAP_BASE_SYM);
-#endif
-	return (page - base) / OC_STRUCT_PAGE_SIZE;
-}
+#elif OC_KSM_KPROBE || OC_KSM_FENTRY	/* Linux 4.10 .. 6.3 */
 
 static __always_inline u64 oc_vma_mm(u64 vma)
 {
@@ -243,13 +229,12 @@ static __always_inline void oc_remove_rmap_item(u64 rmap_item)
 		oc_event(oc_mm_tgid(mm), OC_REMOVE_RMAP_ITEM, 0, 0);
 }
 
-static __always_inline void oc_break_ksm(u64 vma)
+static __always_inline void oc_break_ksm_vma(u64 vma)
 {
 	oc_event(oc_mm_tgid(oc_vma_mm(vma)), OC_BREAK_KSM, 0, 0);
 }
 
-#if OC_ATTACH_KPROBE
-#include <uapi/linux/ptrace.h>
+#if OC_KSM_KPROBE
 
 struct oc_merge_args {
 	u64 vma;
@@ -289,13 +274,13 @@ int oc_remove_rmap_item_from_tree(struct pt_regs *ctx)
 	return 0;
 }
 
-int oc_break_ksm_entry(struct pt_regs *ctx)
+int oc_break_ksm(struct pt_regs *ctx)
 {
-	oc_break_ksm(PT_REGS_PARM1(ctx));
+	oc_break_ksm_vma(PT_REGS_PARM1(ctx));
 	return 0;
 }
 
-#elif OC_ATTACH_FENTRY
+#elif OC_KSM_FENTRY
 
 KRETFUNC_PROBE(try_to_merge_one_page, u64 vma, u64 page, u64 kpage, int ret)
 {
@@ -303,17 +288,21 @@ KRETFUNC_PROBE(try_to_merge_one_page, u64 vma, u64 page, u64 kpage, int ret)
 	return 0;
 }
 
+#if OC_HOOK_REMOVE_RMAP_ITEM_FROM_TREE	/* inlined on some builds */
 KFUNC_PROBE(remove_rmap_item_from_tree, u64 rmap_item)
 {
 	oc_remove_rmap_item(rmap_item);
 	return 0;
 }
+#endif
 
+#if OC_HOOK_BREAK_KSM
 KFUNC_PROBE(break_ksm, u64 vma)
 {
-	oc_break_ksm(vma);
+	oc_break_ksm_vma(vma);
 	return 0;
 }
+#endif
 
 #endif
 #endif

@@ -11,14 +11,20 @@
  *   OC_FILTER_PIDS        1: count/stream only tgids present in pid_filter
  *   OC_MM_OWNER_OFFSET    offsetof(struct mm_struct, owner), -1 if absent
  *   OC_TASK_TGID_OFFSET   offsetof(struct task_struct, tgid)
+ *   OC_TASK_MM_OFFSET     offsetof(struct task_struct, mm)
  *   OC_VMA_MM_OFFSET      offsetof(struct vm_area_struct, vm_mm)
- *   OC_VMEMMAP_BASE       virtual address of the struct page array (x86_64)
+ *   OC_VMEMMAP_BASE(_SYM) the struct page array (x86_64), or the variable
+ *                         holding it
  *   OC_STRUCT_PAGE_SIZE   sizeof(struct page)
+ * and, per concern, which attach variant is compiled in (OC_KSM_TRACEPOINT,
+ * OC_BALLOON_KPROBE, ...; see each source).
  * Offsets come from /sys/kernel/btf/vmlinux (tracer/btf.py), so the same
  * object is right on any kernel layout, whatever headers bcc compiles with.
  */
 #ifndef OVERCOMMIT_H
 #define OVERCOMMIT_H
+
+#include <uapi/linux/ptrace.h>	/* struct pt_regs for kprobe programs */
 
 enum oc_kind {
 	OC_NONE = 0,
@@ -52,13 +58,15 @@ struct oc_count_key {
 	__u32 kind;
 };
 
-/* High-rate event, streamed only with --events: 24 bytes. */
+/* High-rate event, streamed only with --events: 32 bytes. */
 struct oc_event {
 	__u64 ts_ns;
-	__u64 pfn;
+	__u64 pfn;		/* KSM: the KSM page's frame; discards: first page */
 	__u32 tgid;
 	__u16 kind;
 	__s16 err;
+	__u32 pages;		/* pages this event stands for (1 for KSM) */
+	__u32 pad;
 };
 
 /* Rare event, always streamed. */
@@ -142,22 +150,22 @@ static __always_inline u32 oc_mm_tgid(u64 mm)
 #endif
 }
 
-static __always_inline void oc_count(u32 tgid, u32 kind)
+static __always_inline void oc_count(u32 tgid, u32 kind, u64 pages)
 {
 	struct oc_count_key key = { .tgid = tgid, .kind = kind };
 	u64 zero = 0, *n = counts.lookup_or_try_init(&key, &zero);
 	if (n)
-		__sync_fetch_and_add(n, 1);
+		__sync_fetch_and_add(n, pages);
 	else
 		oc_lost(kind);	/* counts map full: say so rather than undercount */
 }
 
-/* Count one high-rate event and, with --events, stream it. */
-static __always_inline void oc_event(u32 tgid, u32 kind, u64 pfn, s32 err)
+/* Count `pages` pages of one event and, with --events, stream it. */
+static __always_inline void oc_event_n(u32 tgid, u32 kind, u64 pfn, s32 err, u64 pages)
 {
 	if (!oc_wanted(tgid))
 		return;
-	oc_count(tgid, kind);
+	oc_count(tgid, kind, pages);
 #if OC_STREAM_EVENTS
 	struct oc_event *e = events.ringbuf_reserve(sizeof(*e));
 	if (!e) {
@@ -169,8 +177,15 @@ static __always_inline void oc_event(u32 tgid, u32 kind, u64 pfn, s32 err)
 	e->tgid = tgid;
 	e->kind = kind;
 	e->err = err;
+	e->pages = pages;
+	e->pad = 0;
 	events.ringbuf_submit(e, 0);
 #endif
+}
+
+static __always_inline void oc_event(u32 tgid, u32 kind, u64 pfn, s32 err)
+{
+	oc_event_n(tgid, kind, pfn, err, 1);
 }
 
 static __always_inline void oc_rare(u32 tgid, u32 kind, u64 a, s64 b, s32 seq)
@@ -190,5 +205,21 @@ static __always_inline void oc_rare(u32 tgid, u32 kind, u64 a, s64 b, s32 seq)
 	bpf_get_current_comm(&r->comm, sizeof(r->comm));
 	rare.ringbuf_submit(r, 0);
 }
+
+#ifdef OC_STRUCT_PAGE_SIZE
+/*
+ * kprobe/fentry programs get struct page pointers.  Frame numbers follow
+ * from the vmemmap array (x86_64 SPARSEMEM_VMEMMAP): vmemmap_base is a
+ * variable under CONFIG_RANDOMIZE_MEMORY, a constant otherwise.
+ */
+static __always_inline u64 oc_page_to_pfn(u64 page)
+{
+	u64 base = OC_VMEMMAP_BASE;
+#if OC_VMEMMAP_BASE_SYM
+	bpf_probe_read_kernel(&base, sizeof(base), (void *)OC_VMEMMAP_BASE_SYM);
+#endif
+	return (page - base) / OC_STRUCT_PAGE_SIZE;
+}
+#endif
 
 #endif /* OVERCOMMIT_H */

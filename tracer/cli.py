@@ -89,10 +89,9 @@ def record(duration, interval, output, pids, events, ebpf, quiet):
     from . import kernel
     if ebpf:
         from . import probes
-        mode, _ = kernel.ksm_plan(kernel.capabilities(probes.fentry_probe))
-        d = kernel.ksm_defines(mode)
-        d.update(OC_STREAM_EVENTS=int(events), OC_FILTER_PIDS=int(bool(pids)))
-        click.echo(probes.final_text("ksm", d))
+        plan = kernel.plan(kernel.capabilities(probes.fentry_probe))
+        d = dict(plan.defines, OC_STREAM_EVENTS=int(events), OC_FILTER_PIDS=int(bool(pids)))
+        click.echo(probes.final_text(d))
         return
     from . import record as rec
     output = output or Path(datetime.now().strftime("ksm-%Y%m%d-%H%M%S.arrow"))

@@ -40,7 +40,7 @@ def check() -> dict:
                "pages_sharing": counters.read_ksm()["pages_sharing"]}
     except counters.KsmUnavailable as e:
         ksm = {"available": False, "fix": str(e)}
-    variant, plan = kernel.ksm_plan(cap)
+    plan = kernel.plan(cap) if cap.btf else None
     problems = []
     if not root:
         problems.append({"what": "not root", "fix": "run as root (sudo overcommit ...)"})
@@ -72,9 +72,9 @@ def check() -> dict:
             "fentry": {"ok": cap.fentry[0], "why": cap.fentry[1]},
         },
         "ksm": ksm,
-        "ksm_variant": variant,
+        "variants": plan.modes if plan else {},
         "balloon": _balloon(),
-        "events": [a.as_dict() for a in plan],
+        "events": [a.as_dict() for a in plan.attach] if plan else [],
         "problems": problems,
         "notes": notes,
     }

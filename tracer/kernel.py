@@ -163,19 +163,37 @@ def _fn_hookable(cap: Capabilities, fn: str) -> tuple[str, str] | None:
 
 
 def _no_hook(cap: Capabilities, fn: str) -> str:
-    reasons = []
     if not symbol(fn):
-        reasons.append(f"{fn} is not in kallsyms (inlined)")
-    else:
-        reasons.append(f"kprobes: {cap.kprobes[1]}; fentry: {cap.fentry[1]}")
-    return "; ".join(reasons)
+        return f"{fn} is not in kallsyms (inlined or not built)"
+    return f"kprobes: {cap.kprobes[1]}; fentry: {cap.fentry[1]}"
 
 
-def ksm_plan(cap: Capabilities) -> tuple[str, list[Attach]]:
-    """The KSM program variant and the attach mode of every KSM event."""
+@dataclass
+class Probe:
+    """One kprobe/kretprobe to attach by hand (tracepoints and fentry attach
+    themselves when bcc loads the program)."""
+    function: str
+    program: str
+    ret: bool = False
+
+
+@dataclass
+class Plan:
+    """Per concern, the variant compiled in; per event, how it is traced."""
+    modes: dict[str, str]
+    attach: list[Attach]
+    kprobes: list[Probe]
+    defines: dict[str, int]
+
+    def mode(self, concern: str) -> str:
+        return self.modes[concern]
+
+
+def _ksm(cap: Capabilities, plan: Plan) -> None:
     if tracepoint_exists("ksm", "ksm_merge_with_ksm_page"):
         why = "KSM tracepoints exist (Linux 6.4+)"
-        plan = [
+        plan.modes["ksm"] = TRACEPOINT
+        plan.attach += [
             Attach("merges", TRACEPOINT, "ksm:ksm_merge_with_ksm_page", why),
             Attach("zero_page_merges", TRACEPOINT, "ksm:ksm_merge_one_page", why),
             Attach("unmerges", TRACEPOINT, "ksm:ksm_remove_rmap_item, ksm:ksm_remove_ksm_page",
@@ -183,68 +201,148 @@ def ksm_plan(cap: Capabilities) -> tuple[str, list[Attach]]:
             Attach("scan_passes", TRACEPOINT, "ksm:ksm_start_scan, ksm:ksm_stop_scan", why),
             Attach("ksm_enter_exit", TRACEPOINT, "ksm:ksm_enter, ksm:ksm_exit", why),
         ]
-        if tracepoint_exists("ksm", "ksm_advisor"):
-            plan.append(Attach("advisor", TRACEPOINT, "ksm:ksm_advisor",
-                               "ksm_advisor tracepoint exists (Linux 6.8+)"))
-        else:
-            plan.append(Attach("advisor", COUNTERS, "-", "no ksm_advisor tracepoint (before 6.8)"))
-        return TRACEPOINT, plan
-
+        advisor = tracepoint_exists("ksm", "ksm_advisor")
+        plan.defines["OC_HAVE_KSM_ADVISOR"] = int(advisor)
+        plan.attach.append(
+            Attach("advisor", TRACEPOINT, "ksm:ksm_advisor", "ksm_advisor tracepoint (6.8+)")
+            if advisor else
+            Attach("advisor", COUNTERS, "-", "no ksm_advisor tracepoint (before 6.8)"))
+        return
     merge = _fn_hookable(cap, "try_to_merge_one_page")
     if merge is None:
         why = ("no KSM tracepoints (before Linux 6.4) and try_to_merge_one_page cannot be "
                "hooked: " + _no_hook(cap, "try_to_merge_one_page"))
-        return COUNTERS, [
-            Attach("merges", COUNTERS, "/sys/kernel/mm/ksm, /proc/PID/ksm_merging_pages", why),
+        plan.modes["ksm"] = COUNTERS
+        plan.attach += [
+            Attach("merges", COUNTERS, "/proc/PID/ksm_merging_pages", why),
             Attach("scan_passes", COUNTERS, "/sys/kernel/mm/ksm/full_scans", why),
         ]
+        return
     mode, why = merge
-    plan = [Attach("merges", mode, "try_to_merge_one_page",
-                   "no KSM tracepoints (before Linux 6.4); " + why)]
-    for fn in ("remove_rmap_item_from_tree", "break_ksm"):
+    plan.modes["ksm"] = mode
+    plan.attach.append(Attach("merges", mode, "try_to_merge_one_page",
+                              "no KSM tracepoints (before Linux 6.4); " + why))
+    if mode == KPROBE:
+        plan.kprobes += [Probe("try_to_merge_one_page", "oc_try_to_merge_one_page"),
+                         Probe("try_to_merge_one_page", "oc_try_to_merge_one_page_ret", True)]
+    for fn, event in (("remove_rmap_item_from_tree", "unmerges"), ("break_ksm", "break_ksm")):
         hook = _fn_hookable(cap, fn)
-        if hook and hook[0] == mode:
-            plan.append(Attach("unmerges" if fn.startswith("remove") else "break_ksm",
-                               mode, fn, hook[1]))
+        ok = hook is not None and hook[0] == mode
+        plan.defines[f"OC_HOOK_{fn.upper()}"] = int(ok)
+        if ok:
+            plan.attach.append(Attach(event, mode, fn, hook[1]))
+            if mode == KPROBE:
+                plan.kprobes.append(Probe(fn, f"oc_{fn}"))
         else:
-            plan.append(Attach("unmerges" if fn.startswith("remove") else "break_ksm",
-                               COUNTERS, "/proc/PID/ksm_merging_pages", _no_hook(cap, fn)))
-    plan.append(Attach("scan_passes", COUNTERS, "/sys/kernel/mm/ksm/full_scans",
-                       "ksm_do_scan() is inlined on distribution kernels"))
-    plan.append(Attach("ksm_enter_exit", COUNTERS, "/proc/PID/ksm_stat",
-                       "no ksm_enter/ksm_exit tracepoints; processes found by polling"))
-    return mode, plan
+            plan.attach.append(Attach(event, COUNTERS, "/proc/PID/ksm_merging_pages",
+                                      _no_hook(cap, fn)))
+    plan.attach += [
+        Attach("scan_passes", COUNTERS, "/sys/kernel/mm/ksm/full_scans",
+               "ksm_do_scan() is inlined on distribution kernels"),
+        Attach("ksm_enter_exit", COUNTERS, "/proc/PID/ksm_stat",
+               "no ksm_enter/ksm_exit tracepoints; processes found by polling"),
+    ]
 
 
-def ksm_defines(mode: str) -> dict[str, int]:
-    """The constants the KSM program is compiled with (see bpf/overcommit.h)."""
+def _balloon(cap: Capabilities, plan: Plan) -> None:
+    """Guest side: the balloon core has no tracepoints."""
+    enqueue = _fn_hookable(cap, "balloon_page_enqueue")
+    if enqueue is None:
+        plan.modes["balloon"] = COUNTERS
+        plan.attach.append(Attach(
+            "balloon", COUNTERS, "/proc/vmstat balloon_inflate, balloon_deflate",
+            "no balloon tracepoints and balloon_page_enqueue cannot be hooked: "
+            + _no_hook(cap, "balloon_page_enqueue")))
+        return
+    mode, why = enqueue
+    plan.modes["balloon"] = mode
+    has_list = {fn: symbol(fn) for fn in ("balloon_page_list_enqueue",
+                                          "balloon_page_list_dequeue")}
+    for fn, ok in has_list.items():
+        plan.defines[f"OC_HOOK_{fn.upper()}"] = int(ok)
+    dequeue = ("balloon_page_list_dequeue" if has_list["balloon_page_list_dequeue"]
+               else "balloon_page_dequeue")
+    plan.attach += [
+        Attach("balloon_inflate", mode, "balloon_page_enqueue"
+               + (", balloon_page_list_enqueue" if has_list["balloon_page_list_enqueue"] else ""),
+               why),
+        Attach("balloon_deflate", mode, dequeue,
+               "each dequeued page counted once, by the return value"),
+    ]
+    if mode == KPROBE:
+        plan.kprobes.append(Probe("balloon_page_enqueue", "oc_balloon_page_enqueue"))
+        if has_list["balloon_page_list_enqueue"]:
+            plan.kprobes.append(Probe("balloon_page_list_enqueue",
+                                      "oc_balloon_page_list_enqueue_ret", True))
+        plan.kprobes.append(Probe(dequeue, f"oc_{dequeue}_ret", True))
+
+
+def _vmm(cap: Capabilities, plan: Plan) -> None:
+    """Host side: the VMM's madvise/fallocate on guest RAM."""
+    if tracepoint_exists("syscalls", "sys_enter_madvise"):
+        plan.modes["vmm"] = TRACEPOINT
+        plan.attach.append(Attach(
+            "host_discards", TRACEPOINT,
+            "syscalls:sys_{enter,exit}_{madvise,fallocate}",
+            "syscall tracepoints; only ranges inside a VMM's guest RAM count"))
+    else:
+        plan.modes["vmm"] = COUNTERS
+        plan.attach.append(Attach("host_discards", COUNTERS, "-",
+                                  "no syscall tracepoints (CONFIG_FTRACE_SYSCALLS)"))
+
+
+def plan(cap: Capabilities) -> Plan:
+    p = Plan({}, [], [], {})
+    _ksm(cap, p)
+    _balloon(cap, p)
+    _vmm(cap, p)
+    p.defines.update(_defines(p))
+    return p
+
+
+def _defines(p: Plan) -> dict[str, int]:
+    """The constants the program is compiled with (see bpf/overcommit.h)."""
     b = btf()
     if b is None:
         raise KernelError(f"no kernel BTF at {VMLINUX}: attribution needs struct offsets "
                           "(CONFIG_DEBUG_INFO_BTF=y)")
+    ksm, balloon = p.modes["ksm"], p.modes["balloon"]
     d = {
-        "OC_ATTACH_TRACEPOINT": int(mode == TRACEPOINT),
-        "OC_ATTACH_KPROBE": int(mode == KPROBE),
-        "OC_ATTACH_FENTRY": int(mode == FENTRY),
+        "OC_KSM_TRACEPOINT": int(ksm == TRACEPOINT),
+        "OC_KSM_KPROBE": int(ksm == KPROBE),
+        "OC_KSM_FENTRY": int(ksm == FENTRY),
+        "OC_BALLOON_KPROBE": int(balloon == KPROBE),
+        "OC_BALLOON_FENTRY": int(balloon == FENTRY),
+        "OC_VMM": int(p.modes["vmm"] == TRACEPOINT),
         "OC_TASK_TGID_OFFSET": b.offsetof("task_struct", "tgid"),
         "OC_TASK_MM_OFFSET": b.offsetof("task_struct", "mm"),
         "OC_MM_OWNER_OFFSET": _or(b.offsetof("mm_struct", "owner"), -1),  # CONFIG_MEMCG
-        "OC_HAVE_KSM_ADVISOR": int(tracepoint_exists("ksm", "ksm_advisor")),
+        "OC_VMA_MM_OFFSET": b.offsetof("vm_area_struct", "vm_mm"),
+        "OC_STRUCT_PAGE_SIZE": b.sizeof("page"),
+        # x86_64 VMEMMAP_START without CONFIG_RANDOMIZE_MEMORY
+        "OC_VMEMMAP_BASE": 0xFFFFEA0000000000,
+        "OC_VMEMMAP_BASE_SYM": kallsyms().get("vmemmap_base", 0),
     }
-    if mode in (KPROBE, FENTRY):
-        # struct rmap_item became struct ksm_rmap_item in 6.4
-        rmap = "ksm_rmap_item" if b.has_struct("ksm_rmap_item") else "rmap_item"
-        d.update({
-            "OC_VMA_MM_OFFSET": b.offsetof("vm_area_struct", "vm_mm"),
-            "OC_RMAP_ITEM_MM_OFFSET": b.offsetof(rmap, "mm"),
-            "OC_RMAP_ITEM_ADDRESS_OFFSET": b.offsetof(rmap, "address"),
-            "OC_STRUCT_PAGE_SIZE": b.sizeof("page"),
-            # x86_64 VMEMMAP_START without CONFIG_RANDOMIZE_MEMORY
-            "OC_VMEMMAP_BASE": 0xFFFFEA0000000000,
-            "OC_VMEMMAP_BASE_SYM": kallsyms().get("vmemmap_base", 0),
-        })
+    # struct rmap_item became struct ksm_rmap_item in 6.4
+    rmap = "ksm_rmap_item" if b.has_struct("ksm_rmap_item") else "rmap_item"
+    d["OC_RMAP_ITEM_MM_OFFSET"] = _or(b.offsetof(rmap, "mm"), 0)
+    d["OC_RMAP_ITEM_ADDRESS_OFFSET"] = _or(b.offsetof(rmap, "address"), 0)
     return d
 
 
 def _or(value, default):
     return default if value is None else value
+
+
+HOOKS = ("remove_rmap_item_from_tree", "break_ksm", "balloon_page_list_enqueue",
+         "balloon_page_list_dequeue")
+
+
+def variant(ksm: str, balloon: str, vmm: str = TRACEPOINT) -> Plan:
+    """A plan forced to given variants, every optional hook compiled in: for
+    checking variants this kernel would not choose (compile, verifier)."""
+    p = Plan({"ksm": ksm, "balloon": balloon, "vmm": vmm}, [], [],
+             {f"OC_HOOK_{fn.upper()}": 1 for fn in HOOKS})
+    p.defines["OC_HAVE_KSM_ADVISOR"] = 0
+    p.defines.update(_defines(p))
+    return p

@@ -17,7 +17,7 @@ from .fields import BPF_DIR, kinds
 
 # struct oc_event and struct oc_rare in bpf/overcommit.h
 EVENT_DTYPE = np.dtype([("ts_ns", "<u8"), ("pfn", "<u8"), ("tgid", "<u4"),
-                        ("kind", "<u2"), ("err", "<i2")])
+                        ("kind", "<u2"), ("err", "<i2"), ("pages", "<u4"), ("pad", "<u4")])
 RARE_DTYPE = np.dtype([("ts_ns", "<u8"), ("a", "<u8"), ("b", "<i8"), ("tgid", "<u4"),
                        ("kind", "<u4"), ("seq", "<i4"), ("pad", "<u4"), ("comm", "S16")])
 
@@ -36,25 +36,26 @@ def import_bcc():
     return bcc
 
 
-def source(concern: str) -> Path:
-    return BPF_DIR / f"{concern}.bpf.c"
+CONCERNS = ("ksm", "balloon", "vmm")
 
 
-def final_text(concern: str, defines: dict[str, int]) -> str:
-    """The program as compiled (and as --ebpf prints it): the settings, then
-    the source with the shared header inlined.  Inlined, not #included: bcc
+def final_text(defines: dict[str, int]) -> str:
+    """The program as compiled (and as --ebpf prints it): the settings, the
+    shared header, then one source per concern.  Inlined, not #included: bcc
     rewrites map calls such as `counts.lookup()` only in its main file."""
     lines = [f"#define {k} {_c_literal(v)}" for k, v in defines.items()]
-    header = (BPF_DIR / "overcommit.h").read_text()
-    body = source(concern).read_text().replace('#include "overcommit.h"', header)
-    return "\n".join(lines) + "\n" + body
+    parts = ["\n".join(lines), (BPF_DIR / "overcommit.h").read_text()]
+    for concern in CONCERNS:
+        text = (BPF_DIR / f"{concern}.bpf.c").read_text()
+        parts.append(text.replace('#include "overcommit.h"', f"/* {concern}.bpf.c */"))
+    return "\n".join(parts)
 
 
 def _c_literal(v: int) -> str:
     return f"{v:#x}ULL" if v > 0x7FFFFFFF else str(v)
 
 
-def _compile(bcc, concern: str, defines: dict[str, int], autoload: bool):
+def _compile(bcc, defines: dict[str, int], autoload: bool):
     headers.apply()
     cls = bcc.BPF
     if not autoload:
@@ -64,9 +65,9 @@ def _compile(bcc, concern: str, defines: dict[str, int], autoload: bool):
                 pass
         cls = _NoAttach
     try:
-        return cls(text=final_text(concern, defines).encode())
+        return cls(text=final_text(defines).encode())
     except Exception as e:  # bcc raises bare Exception
-        raise ProbeError(f"cannot compile bpf/{concern}.bpf.c ({e}); "
+        raise ProbeError(f"cannot load the BPF program ({e}); "
                          f"kernel headers: {headers.find().origin}") from e
 
 
@@ -76,17 +77,16 @@ def function_names(bpf) -> list[str]:
     return [bcc.lib.bpf_function_name(bpf.module, i).decode() for i in range(n)]
 
 
-def verify(concern: str, defines: dict[str, int], prog_type: str) -> list[str]:
-    """Compile and, for kprobe programs, load every function through the
-    verifier without attaching.  prog_type "fentry" only compiles: loading a
-    tracing program needs the target's BTF id and a kernel that allows it."""
+def verify(plan: kernel.Plan) -> list[str]:
+    """Compile a plan's program and load every kprobe function through the
+    verifier, attaching nothing.  fentry functions are only compiled: loading
+    a tracing program needs a kernel that allows it."""
     bcc = import_bcc()
-    bpf = _compile(bcc, concern, defines, autoload=False)
+    bpf = _compile(bcc, plan.defines, autoload=False)
     names = function_names(bpf)
     try:
-        if prog_type == kernel.KPROBE:
-            for name in names:
-                bpf.load_func(name, bcc.BPF.KPROBE)
+        for p in plan.kprobes:
+            bpf.load_func(p.program.encode(), bcc.BPF.KPROBE)
     finally:
         bpf.cleanup()
     return names
@@ -116,48 +116,35 @@ def fentry_probe() -> tuple[bool, str]:
         return False, "the kernel refuses to load BPF tracing (fentry) programs"
 
 
-class KsmProbe:
-    """The KSM program, attached: counts per (tgid, kind), streams events."""
+class Tracer:
+    """The program, attached: counts per (tgid, kind), streamed events, and
+    the guest RAM ranges of VMMs that host-side discards are matched against."""
 
-    def __init__(self, mode: str, pids: list[int] | None = None, stream_events: bool = False,
-                 ringbuf_pages: int = 16384):
+    def __init__(self, plan: kernel.Plan, pids: list[int] | None = None,
+                 stream_events: bool = False, ringbuf_pages: int = 16384):
         bcc = import_bcc()
-        self.mode = mode
-        defines = kernel.ksm_defines(mode)
-        defines["OC_STREAM_EVENTS"] = int(stream_events)
-        defines["OC_FILTER_PIDS"] = int(bool(pids))
-        defines["OC_EVENTS_RINGBUF_PAGES"] = ringbuf_pages
-        self.defines = defines
-        self.bpf = _compile(bcc, "ksm", defines, autoload=(mode == kernel.TRACEPOINT))
+        self.plan = plan
+        self.defines = dict(plan.defines, OC_STREAM_EVENTS=int(stream_events),
+                            OC_FILTER_PIDS=int(bool(pids)),
+                            OC_EVENTS_RINGBUF_PAGES=ringbuf_pages)
+        # tracepoints and fentry attach as bcc loads them; kprobes by hand
+        self.bpf = _compile(bcc, self.defines, autoload=True)
+        try:
+            for p in plan.kprobes:
+                attach = self.bpf.attach_kretprobe if p.ret else self.bpf.attach_kprobe
+                attach(event=p.function.encode(), fn_name=p.program.encode())
+        except Exception as e:
+            self.bpf.cleanup()
+            raise ProbeError(f"cannot attach kprobes ({e})") from e
         if pids:
             flt = self.bpf["pid_filter"]
             for pid in pids:
                 flt[flt.Key(pid)] = flt.Leaf(1)
-        if mode == kernel.KPROBE:
-            self._attach_kprobes(bcc)
-        elif mode == kernel.FENTRY:
-            for name in function_names(self.bpf):
-                fn = name.encode()
-                if name.startswith("kretfunc__"):
-                    self.bpf.attach_kretfunc(fn_name=fn)
-                elif name.startswith("kfunc__") and kernel.symbol(name[len("kfunc__"):]):
-                    self.bpf.attach_kfunc(fn_name=fn)
         self.events: list[bytes] = []
         self.rare: list[bytes] = []
         self.bpf["rare"].open_ring_buffer(self._on_rare)
         if stream_events:
             self.bpf["events"].open_ring_buffer(self._on_event)
-
-    def _attach_kprobes(self, bcc):
-        b = self.bpf
-        b.attach_kprobe(event=b"try_to_merge_one_page", fn_name=b"oc_try_to_merge_one_page")
-        b.attach_kretprobe(event=b"try_to_merge_one_page",
-                           fn_name=b"oc_try_to_merge_one_page_ret")
-        if kernel.symbol("remove_rmap_item_from_tree"):
-            b.attach_kprobe(event=b"remove_rmap_item_from_tree",
-                            fn_name=b"oc_remove_rmap_item_from_tree")
-        if kernel.symbol("break_ksm"):
-            b.attach_kprobe(event=b"break_ksm", fn_name=b"oc_break_ksm_entry")
 
     # bcc calls these from ring_buffer_poll(); keep them as cheap as possible
     def _on_event(self, ctx, data, size):
@@ -187,6 +174,25 @@ class KsmProbe:
         names = kinds()
         return {names[i]: v.value for i, v in enumerate(self.bpf["lost"].values())
                 if v.value and i in names}
+
+    def set_guest_ram(self, tgid: int, ranges: list[tuple[int, int]],
+                      fds: list[int]) -> None:
+        """Tell the kernel side where a VMM's guest RAM is."""
+        if not self.defines.get("OC_VMM"):
+            return
+        n_map, ram, fd_map = (self.bpf[m] for m in ("vmm_ranges", "guest_ram", "guest_ram_fds"))
+        for i, (start, end) in enumerate(ranges[:16]):
+            ram[ram.Key(tgid, i)] = ram.Leaf(start, end)
+        for fd in fds:
+            fd_map[fd_map.Key(tgid, fd)] = fd_map.Leaf(1)
+        n_map[n_map.Key(tgid)] = n_map.Leaf(min(len(ranges), 16))
+
+    def forget_vmm(self, tgid: int) -> None:
+        n_map = self.bpf["vmm_ranges"]
+        try:
+            del n_map[n_map.Key(tgid)]
+        except KeyError:
+            pass
 
     def close(self) -> None:
         self.bpf.cleanup()

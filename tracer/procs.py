@@ -103,3 +103,56 @@ class Registry:
 
     def __contains__(self, pid: int) -> bool:
         return pid in self._known
+
+
+def vmm_pids(proc: Path = Path("/proc")) -> list[int]:
+    """Processes whose command looks like a VMM (by comm, cheap to scan)."""
+    out = []
+    for d in proc.iterdir():
+        if d.name.isdigit():
+            comm = _read(d / "comm")
+            if comm and comm.decode(errors="replace").startswith(VMMS):
+                out.append(int(d.name))
+    return out
+
+
+# Below this, a shared file mapping is the VMM's own business, not guest RAM.
+MIN_FILE_RAM = 16 << 20
+
+
+def guest_ram(pid: int, proc: Path = Path("/proc")) -> tuple[list[tuple[int, int]], list[int]]:
+    """Where a VMM keeps guest RAM: address ranges and file descriptors.
+
+    Anonymous guest RAM is what the VMM marked MADV_MERGEABLE (QEMU's default
+    mem-merge=on): `mg` in the mapping's VmFlags.  Shared or file-backed RAM
+    (memory-backend-memfd/-file) cannot be mergeable; it is a large shared
+    mapping of a file the VMM holds open, and balloon discards on it are
+    fallocate(PUNCH_HOLE) on that descriptor, by file offset.
+    """
+    raw = _read(proc / str(pid) / "smaps")
+    if raw is None:
+        return [], []
+    ranges, files = [], set()
+    head = None
+    for line in raw.decode(errors="replace").splitlines():
+        first = line.split(None, 1)[0] if line else ""
+        if "-" in first and not first.endswith(":"):
+            parts = line.split(None, 5)
+            start, end = (int(x, 16) for x in parts[0].split("-"))
+            head = (start, end, parts[1], parts[5] if len(parts) > 5 else "")
+        elif first == "VmFlags:" and head:
+            start, end, perms, path = head
+            flags = line.split()[1:]
+            if "mg" in flags:
+                ranges.append((start, end))
+            elif perms[3] == "s" and path.startswith("/") and end - start >= MIN_FILE_RAM:
+                files.add(path)
+    fds = []
+    if files:
+        for fd in (proc / str(pid) / "fd").iterdir():
+            try:
+                if str(fd.readlink()) in files:
+                    fds.append(int(fd.name))
+            except OSError:
+                continue
+    return sorted(ranges), sorted(fds)

@@ -16,6 +16,7 @@ import pyarrow as pa
 from . import __version__, counters, headers, kernel
 from .errors import UserError
 from .fields import kinds
+from . import procs
 from .procs import Registry
 from .recording import COLUMNS, Writer
 
@@ -63,15 +64,13 @@ class Recorder:
         cap = kernel.capabilities(probes.fentry_probe)
         if cap.tracefs is None:
             raise UserError("tracefs is not mounted: mount -t tracefs nodev /sys/kernel/tracing")
-        self.mode, self.plan = kernel.ksm_plan(cap)
         self.hdrs = headers.apply()
-        if self.mode == kernel.COUNTERS:
-            self.probe = None
-        else:
-            try:
-                self.probe = probes.KsmProbe(self.mode, self.pids, stream_events)
-            except (probes.ProbeError, kernel.KernelError) as e:
-                raise UserError(str(e)) from e
+        try:
+            self.plan = kernel.plan(cap)
+            self.probe = probes.Tracer(self.plan, self.pids, stream_events)
+        except (probes.ProbeError, kernel.KernelError) as e:
+            raise UserError(str(e)) from e
+        self.vmms: dict[int, tuple] = {}
         self.t0_ns = time.monotonic_ns()
         self.registry = Registry()
         self.kind_names = np.array([""] + [kinds().get(i, str(i))
@@ -89,8 +88,8 @@ class Recorder:
             "interval_s": interval, "pids": self.pids, "events_streamed": stream_events,
             "page_size": os.sysconf("SC_PAGE_SIZE"),
             "ksm_settings": counters.read_ksm_settings(),
-            "ksm_variant": self.mode,
-            "attach": [a.as_dict() for a in self.plan],
+            "variants": self.plan.modes,
+            "attach": [a.as_dict() for a in self.plan.attach],
             "headers": self.hdrs.origin,
         }
         self.writer = Writer(output, meta)
@@ -132,9 +131,29 @@ class Recorder:
                     rows.append(self._proc_row("process", "appeared", pid, 0, t))
             rows += [self._proc_row("ksm_stat", k, pid, v, t) for k, v in stat.items()]
 
+    def _track_vmms(self, rows: list[dict]) -> None:
+        """Keep the kernel's view of every VMM's guest RAM current (guests
+        come and go, and hotplug memory)."""
+        pids = set(procs.vmm_pids())
+        if self.pids:
+            pids &= set(self.pids)
+        for pid in pids:
+            ram = procs.guest_ram(pid)
+            if ram[0] or ram[1]:
+                if self.vmms.get(pid) != ram:
+                    if pid not in self.vmms:
+                        rows.append(self._proc_row("process", "vmm", pid,
+                                                   sum(e - s for s, e in ram[0]) // 4096))
+                    self.vmms[pid] = ram
+                    self.probe.set_guest_ram(pid, *ram)
+        for pid in set(self.vmms) - pids:
+            del self.vmms[pid]
+            self.probe.forget_vmm(pid)
+
     def _baseline(self) -> None:
         """Interval 0: who is there and what the counters say, before tracing."""
         rows: list[dict] = []
+        self._track_vmms(rows)
         for pid in sorted(self._watched()):
             if counters.read_ksm_stat(pid) is not None:
                 rows.append(self._proc_row("process", "running", pid, 0))
@@ -144,8 +163,6 @@ class Recorder:
         self.index = 1
 
     def _counts(self, rows: list[dict]) -> int:
-        if self.probe is None:
-            return 0
         cur = self.probe.counts()
         n = 0
         t = self._t()
@@ -196,7 +213,8 @@ class Recorder:
             "name": self.kind_names[ev["kind"]],
             "pid": ev["tgid"].astype(np.int32),
             "comm": comm, "vm": vm,
-            "value": None, "pfn": ev["pfn"], "err": ev["err"].astype(np.int32),
+            "value": ev["pages"].astype(np.int64), "pfn": ev["pfn"],
+            "err": ev["err"].astype(np.int32),
             "seq": None, "duration_ns": None,
         }
         arrays = [pa.nulls(n, f.type) if cols[f.name] is None else pa.array(cols[f.name], f.type)
@@ -213,10 +231,7 @@ class Recorder:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
-            if self.probe is not None:
-                self.probe.poll(int(min(left, 0.1) * 1000) or 1)
-            else:
-                time.sleep(min(left, 0.1))
+            self.probe.poll(int(min(left, 0.1) * 1000) or 1)
         return self._flush(time.monotonic() - start)
 
     def add_rows(self, rows: list[dict]) -> None:
@@ -228,13 +243,12 @@ class Recorder:
     def _flush(self, elapsed: float) -> int:
         rows: list[dict] = [{**r, "interval": self.index} for r in self.pending_rows]
         self.pending_rows = []
-        batch = None
-        if self.probe is not None:
-            ev, rare = self.probe.drain()
-            self._rare(rare, rows)
-            batch = self._events_batch(ev)
-            self.events_total += len(ev)
+        ev, rare = self.probe.drain()
+        self._rare(rare, rows)
+        batch = self._events_batch(ev)
+        self.events_total += len(ev)
         n = self._counts(rows)
+        self._track_vmms(rows)
         self._sample(rows)
         rows.append(self._host_row("interval", "end", int(elapsed * 1e9), self._t()))
         if batch is not None:
@@ -247,15 +261,15 @@ class Recorder:
         if clean:
             self.writer.write([self._host_row("end", "closed", 0, self._t())])
         self.writer.close()
-        if self.probe is not None:
-            self.probe.close()
+        self.probe.close()
 
 
 def banner(rec: Recorder, output: Path, duration: float | None) -> str:
-    traced = ", ".join(f"{a.event}: {a.mode}" for a in rec.plan)
+    modes = rec.plan.modes
     until = f"for {duration:g}s" if duration else "Ctrl-C to end"
     who = f"PIDs {', '.join(map(str, rec.pids))}" if rec.pids else "all processes"
-    return (f"Tracing KSM ({traced}) for {who}, every {rec.interval:g}s, {until}.\n"
+    return (f"Tracing KSM ({modes['ksm']}), guest balloon ({modes['balloon']}) and VMM "
+            f"discards ({modes['vmm']}) for {who}, every {rec.interval:g}s, {until}.\n"
             f"Writing {output}.")
 
 
