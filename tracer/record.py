@@ -58,6 +58,9 @@ class Recorder:
         for pid in pids or []:
             if not Path(f"/proc/{pid}").exists():
                 raise UserError(f"no such process: {pid}")
+        parent = Path(output).resolve().parent
+        if not parent.is_dir() or not os.access(parent, os.W_OK):
+            raise UserError(f"cannot write {output}: no writable directory {parent}")
         self.interval = interval
         self.pids = pids or []
         self.out = out

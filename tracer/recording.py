@@ -78,7 +78,10 @@ class Writer:
     def __init__(self, path: Path | str, meta: dict[str, Any]):
         self.path = Path(path)
         meta = {"schema": SCHEMA_VERSION, **meta}
-        self._file: BinaryIO = open(self.path, "wb")
+        try:
+            self._file: BinaryIO = open(self.path, "wb")
+        except OSError as e:
+            raise RecordingError(f"cannot write {path}: {e.strerror}") from e
         self._writer = ipc.new_file(
             self._file, COLUMNS.with_metadata({META_KEY: json.dumps(meta)}),
             options=ipc.IpcWriteOptions(compression="zstd"))
