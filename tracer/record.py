@@ -89,6 +89,8 @@ class Recorder:
             "machine": platform.machine(),
             "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "interval_s": interval, "pids": self.pids, "events_streamed": stream_events,
+            # t = 0 in CLOCK_MONOTONIC (bpf_ktime_get_ns), to line up other traces
+            "t0_monotonic_ns": self.t0_ns,
             "page_size": os.sysconf("SC_PAGE_SIZE"),
             "ksm_settings": counters.read_ksm_settings(),
             "variants": self.plan.modes,
@@ -277,13 +279,16 @@ def banner(rec: Recorder, output: Path, duration: float | None) -> str:
 
 
 def run(output: Path, duration: float | None, interval: float, pids: list[int] | None,
-        stream_events: bool, progress: bool = True) -> Path:
-    """Record until the duration ends, or Ctrl-C / SIGTERM."""
+        stream_events: bool, progress: bool = True, on_start=None) -> Path:
+    """Record until the duration ends, or Ctrl-C / SIGTERM.  `on_start()` is
+    called once tracing is attached."""
     err = sys.stderr
     tty = progress and err.isatty()
     with _StopFlag() as stop:
         rec = Recorder(output, interval, pids, stream_events)
         print(banner(rec, output, duration), file=err, flush=True)
+        if on_start:
+            on_start()
         start = time.monotonic()
         total = 0
         try:
