@@ -43,10 +43,14 @@ class _StopFlag:
 
 
 class Recorder:
-    """One recording session.  `step()` runs one interval."""
+    """One tracing session.  `step()` runs one interval and hands its rows to
+    the sink: a recording file (tracer.recording.Writer, the default when
+    `output` is a path), or anything with the same write(rows),
+    write_batch(batch) and close() -- `top` and `serve` aggregate the same
+    rows live instead of storing them."""
 
-    def __init__(self, output: Path, interval: float, pids: list[int] | None,
-                 stream_events: bool, out=sys.stderr):
+    def __init__(self, output: Path | None, interval: float, pids: list[int] | None,
+                 stream_events: bool, sink_factory=None):
         from . import probes  # bcc only here
         if os.geteuid() != 0:
             raise UserError("record needs root (BPF programs and /proc/PID/ksm_stat)")
@@ -58,12 +62,12 @@ class Recorder:
         for pid in pids or []:
             if not Path(f"/proc/{pid}").exists():
                 raise UserError(f"no such process: {pid}")
-        parent = Path(output).resolve().parent
-        if not parent.is_dir() or not os.access(parent, os.W_OK):
-            raise UserError(f"cannot write {output}: no writable directory {parent}")
+        if output is not None:
+            parent = Path(output).resolve().parent
+            if not parent.is_dir() or not os.access(parent, os.W_OK):
+                raise UserError(f"cannot write {output}: no writable directory {parent}")
         self.interval = interval
         self.pids = pids or []
-        self.out = out
         cap = kernel.capabilities(probes.fentry_probe)
         if cap.tracefs is None:
             raise UserError("tracefs is not mounted: mount -t tracefs nodev /sys/kernel/tracing")
@@ -97,7 +101,8 @@ class Recorder:
             "attach": [a.as_dict() for a in self.plan.attach],
             "headers": self.hdrs.origin,
         }
-        self.writer = Writer(output, meta)
+        self.meta = meta
+        self.writer = sink_factory(meta) if sink_factory else Writer(output, meta)
         self._baseline()
 
     # -- rows ---------------------------------------------------------------
