@@ -39,18 +39,20 @@ def rates(df: pd.DataFrame, kinds: tuple[str, ...] | None = None) -> pd.DataFram
     return out
 
 
-def _last(df: pd.DataFrame, record: str) -> dict[str, int]:
+def _sampled(df: pd.DataFrame, record: str, which: str) -> dict[str, int]:
+    """The first or last sample of each counter of a host-wide row kind."""
     s = df[df.record == record]
     if s.empty:
         return {}
-    return s.groupby("name", observed=True)["value"].last().astype(int).to_dict()
+    return s.groupby("name", observed=True)["value"].agg(which).astype(int).to_dict()
 
 
 def _first(df: pd.DataFrame, record: str) -> dict[str, int]:
-    s = df[df.record == record]
-    if s.empty:
-        return {}
-    return s.groupby("name", observed=True)["value"].first().astype(int).to_dict()
+    return _sampled(df, record, "first")
+
+
+def _last(df: pd.DataFrame, record: str) -> dict[str, int]:
+    return _sampled(df, record, "last")
 
 
 def _sum(row: pd.Series | dict, names) -> int:
