@@ -95,3 +95,25 @@ def test_terminal_summary_renders(rec):
     text = render(summarize(rec))
     assert "qemu-system-x86" in text and "(exited)" in text
     assert "4 seen as events, 17 derived" in text
+
+
+def test_balloon_from_vmstat_when_nothing_can_hook_it(tmp_path):
+    """A guest whose kernel cannot hook the balloon core: /proc/vmstat speaks."""
+    from pathlib import Path
+
+    from tracer.counters import read_vmstat
+    start = read_vmstat(Path(__file__).parent / "data" / "guest-balloon")
+    path = tmp_path / "g.arrow"
+    w = Writer(path, {"attach": [{"event": "balloon", "mode": "counters", "hook": "-",
+                                  "why": "-"}]})
+    w.write([_row(0.0, 0, "vmstat", k, v) for k, v in start.items()]
+            + [_row(0.0, 0, "interval", "baseline", 0)])
+    later = dict(start, balloon_inflate=start["balloon_inflate"] + 4096,
+                 balloon_deflate=start["balloon_deflate"] + 1024)
+    w.write([_row(1.0, 1, "vmstat", k, v) for k, v in later.items()]
+            + [_row(1.0, 1, "interval", "end", 10**9)])
+    w.close()
+    s = summarize(read(path))
+    assert s["balloon"]["inflated_pages"] == 4096
+    assert s["balloon"]["deflated_pages"] == 1024
+    assert s["attach"]["balloon"] == "counters"

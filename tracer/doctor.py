@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import textwrap
 import os
 from pathlib import Path
 
@@ -104,9 +105,10 @@ def render(d: dict) -> str:
         lines.append("KSM         NO")
     lines.append(f"balloon     {d['balloon']['note']}")
     lines.append("")
-    lines.append(f"{'EVENT':<16} {'MODE':<11} {'HOOK':<30} WHY")
+    lines.append(f"{'EVENT':<16} {'MODE':<11} HOOK (and why)")
     for e in d["events"]:
-        lines.append(f"{e['event']:<16} {e['mode']:<11} {e['hook']:<30} {e['why']}")
+        lines.append(f"{e['event']:<16} {e['mode']:<11} {e['hook']}")
+        lines += [f"{'':<29}{w}" for w in textwrap.wrap(e["why"], 50)]
     if d["problems"] or d["notes"]:
         lines.append("")
     lines += [f"problem: {p['what']}: {p['fix']}" for p in d["problems"]]
