@@ -42,6 +42,9 @@ class _Type:
     data: int  # offset of the trailer in the type section
 
 
+_NAMED = (KIND_STRUCT, KIND_UNION, KIND_FUNC)
+
+
 class Btf:
     """Parsed type section of one BTF blob (kernel or module)."""
 
@@ -54,20 +57,22 @@ class Btf:
         type_off, type_len, str_off, str_len = struct.unpack_from("<IIII", blob, 8)
         self._types_raw = blob[hdr_len + type_off: hdr_len + type_off + type_len]
         self._strings = blob[hdr_len + str_off: hdr_len + str_off + str_len]
-        self._types: list[_Type | None] = [None]  # type id 0 is void
+        # A kernel has ~100k types: keep the walk lean, build _Type lazily.
+        self._offsets: list[int] = [-1]  # type id 0 is void
         self._by_name: dict[tuple[int, str], int] = {}
-        pos = 0
-        raw = self._types_raw
-        while pos < len(raw):
-            name_off, info, size_or_type = struct.unpack_from("<III", raw, pos)
+        pos, raw, end = 0, self._types_raw, len(self._types_raw)
+        unpack = struct.Struct("<III").unpack_from
+        trailer = [_TRAILER.get(k, (0, 0)) for k in range(32)]
+        strings = self._strings
+        while pos < end:
+            name_off, info, _ = unpack(raw, pos)
             kind = (info >> 24) & 0x1F
-            vlen = info & 0xFFFF
-            fixed, each = _TRAILER.get(kind, (0, 0))
-            t = _Type(kind, name_off, vlen, bool(info >> 31), size_or_type, pos + 12)
-            self._types.append(t)
-            if kind in (KIND_STRUCT, KIND_UNION, KIND_FUNC) and name_off:
-                self._by_name.setdefault((kind, self._str(name_off)), len(self._types) - 1)
-            pos += 12 + fixed + each * vlen
+            self._offsets.append(pos)
+            if name_off and kind in _NAMED:
+                name = strings[name_off:strings.index(b"\0", name_off)].decode()
+                self._by_name.setdefault((kind, name), len(self._offsets) - 1)
+            fixed, each = trailer[kind]
+            pos += 12 + fixed + each * (info & 0xFFFF)
 
     @classmethod
     def load(cls, path: Path | str = VMLINUX) -> "Btf":
@@ -80,11 +85,19 @@ class Btf:
         end = self._strings.index(b"\0", off)
         return self._strings[off:end].decode()
 
+    def _type(self, type_id: int) -> _Type | None:
+        if type_id == 0:
+            return None
+        pos = self._offsets[type_id]
+        name_off, info, size_or_type = struct.unpack_from("<III", self._types_raw, pos)
+        return _Type((info >> 24) & 0x1F, name_off, info & 0xFFFF, bool(info >> 31),
+                     size_or_type, pos + 12)
+
     def _struct_id(self, name: str) -> int | None:
         return self._by_name.get((KIND_STRUCT, name)) or self._by_name.get((KIND_UNION, name))
 
     def _members(self, type_id: int):
-        t = self._types[type_id]
+        t = self._type(type_id)
         for i in range(t.vlen):
             name_off, mtype, off = struct.unpack_from("<III", self._types_raw, t.data + 12 * i)
             bit_off = off & 0xFFFFFF if t.kind_flag else off
@@ -93,7 +106,7 @@ class Btf:
     def _resolve(self, type_id: int) -> int:
         """Skip typedefs and qualifiers."""
         while True:
-            t = self._types[type_id]
+            t = self._type(type_id)
             if t is None or t.kind not in (KIND_TYPEDEF, KIND_VOLATILE, KIND_CONST,
                                            KIND_RESTRICT, KIND_TYPE_TAG):
                 return type_id
@@ -106,7 +119,7 @@ class Btf:
                 return bit_off
             if not name:
                 inner = self._resolve(mtype)
-                if self._types[inner].kind in (KIND_STRUCT, KIND_UNION):
+                if self._type(inner).kind in (KIND_STRUCT, KIND_UNION):
                     found = self._find(inner, member)
                     if found is not None:
                         return bit_off + found
@@ -125,8 +138,11 @@ class Btf:
 
     def sizeof(self, struct_name: str) -> int | None:
         sid = self._struct_id(struct_name)
-        return None if sid is None else self._types[sid].size_or_type
+        return None if sid is None else self._type(sid).size_or_type
+
+    def func_id(self, name: str) -> int | None:
+        """The BTF id of a function: what fentry programs attach to."""
+        return self._by_name.get((KIND_FUNC, name))
 
     def has_func(self, name: str) -> bool:
-        """A BTF FUNC record is what fentry needs to attach to a function."""
-        return (KIND_FUNC, name) in self._by_name
+        return self.func_id(name) is not None

@@ -89,7 +89,7 @@ def record(duration, interval, output, pids, events, ebpf, quiet):
     from . import kernel
     if ebpf:
         from . import probes
-        plan = kernel.plan(kernel.capabilities(probes.fentry_probe))
+        plan = kernel.plan(kernel.capabilities())
         d = dict(plan.defines, OC_STREAM_EVENTS=int(events), OC_FILTER_PIDS=int(bool(pids)))
         click.echo(probes.final_text(d))
         return
@@ -111,6 +111,10 @@ def summary(file, as_json):
 def _register_optional():
     from .workload import workload_command
     main.add_command(workload_command)
+    from .lab import lab_command
+    main.add_command(lab_command)
+    from reports.cli import report_command
+    main.add_command(report_command)
 
 
 _register_optional()

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import json
-import textwrap
 import os
+import textwrap
 from pathlib import Path
 
 from . import counters, headers, kernel
@@ -30,10 +30,9 @@ def _balloon() -> dict:
 
 
 def check() -> dict:
-    from . import probes
     root = os.geteuid() == 0
     bcc = _bcc()
-    cap = kernel.capabilities(probes.fentry_probe if bcc["ok"] else None)
+    cap = kernel.capabilities()
     hdrs = headers.find()
     try:
         ksm = {"available": True, "settings": counters.read_ksm_settings(),

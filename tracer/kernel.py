@@ -2,13 +2,15 @@
 
 Every choice is a fallback chain (tracepoint, fentry, kprobe, counters) with
 the reason recorded, so `doctor` and the recording can say why.  Nothing
-here imports bcc: the one probe that needs bcc (can a tracing program load?)
-is handed in by the caller.
+here imports bcc.
 """
 from __future__ import annotations
 
+import ctypes
+import errno
 import gzip
 import os
+import struct
 import platform
 import subprocess
 from dataclasses import asdict, dataclass
@@ -137,17 +139,46 @@ class Capabilities:
     fentry: tuple[bool, str]
 
 
-def capabilities(fentry_probe=None) -> Capabilities:
-    """fentry_probe() -> (ok, why) actually loads a tracing program (needs bcc)."""
+# bpf(2) as used by fentry_loads(): see include/uapi/linux/bpf.h
+_SYS_BPF = {"x86_64": 321, "aarch64": 280}.get(platform.machine())
+_BPF_PROG_LOAD, _BPF_PROG_TYPE_TRACING, _BPF_TRACE_FENTRY = 5, 26, 24
+
+
+def fentry_loads() -> tuple[bool, str]:
+    """Load the smallest fentry program there is (r0 = 0; exit) on a BTF
+    function, straight through bpf(2): the only sure way to know whether this
+    kernel takes BPF tracing programs (BPF trampolines, CONFIG_DYNAMIC_FTRACE
+    with direct calls, not locked down)."""
+    b = btf()
+    if b is None:
+        return False, f"no kernel BTF ({VMLINUX}); CONFIG_DEBUG_INFO_BTF=y is needed"
+    target = b.func_id("do_nanosleep")
+    if target is None or _SYS_BPF is None:
+        return False, "cannot probe on this architecture"
+    insns = ctypes.create_string_buffer(
+        struct.pack("<BBhi", 0xB7, 0, 0, 0) + struct.pack("<BBhi", 0x95, 0, 0, 0))
+    license = ctypes.create_string_buffer(b"GPL")
+    attr = ctypes.create_string_buffer(128)
+    struct.pack_into("<IIQQ", attr, 0, _BPF_PROG_TYPE_TRACING, 2,
+                     ctypes.addressof(insns), ctypes.addressof(license))
+    struct.pack_into("<I", attr, 68, _BPF_TRACE_FENTRY)      # expected_attach_type
+    struct.pack_into("<I", attr, 108, target)                 # attach_btf_id
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.syscall(_SYS_BPF, _BPF_PROG_LOAD, attr, ctypes.sizeof(attr))
+    if fd >= 0:
+        os.close(fd)
+        return True, "the kernel loads BPF tracing (fentry) programs"
+    err = ctypes.get_errno()
+    if err == errno.EPERM and os.geteuid() != 0:
+        return False, "probing needs root"
+    return False, (f"the kernel refuses BPF tracing (fentry) programs "
+                   f"({errno.errorcode.get(err, err)})")
+
+
+def capabilities() -> Capabilities:
     fs = tracefs(mount=True)
-    has_btf = btf() is not None
-    if not has_btf:
-        fentry = (False, f"no kernel BTF ({VMLINUX}); CONFIG_DEBUG_INFO_BTF=y is needed")
-    elif fentry_probe is None:
-        fentry = (False, "not probed")
-    else:
-        fentry = fentry_probe()
-    return Capabilities(release(), str(fs) if fs else None, has_btf, kprobes(), fentry)
+    return Capabilities(release(), str(fs) if fs else None, btf() is not None, kprobes(),
+                        fentry_loads())
 
 
 def _fn_hookable(cap: Capabilities, fn: str) -> tuple[str, str] | None:

@@ -5,7 +5,6 @@ parsing) works on machines without it.
 """
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import os
 from pathlib import Path
@@ -92,30 +91,6 @@ def verify(plan: kernel.Plan) -> list[str]:
     return names
 
 
-def fentry_probe() -> tuple[bool, str]:
-    """Does this kernel load BPF tracing (fentry) programs? Try one."""
-    try:
-        bcc = import_bcc()
-    except ProbeError as e:
-        return False, str(e)
-    if not bcc.BPF.support_kfunc():
-        return False, "bcc reports no kfunc/fentry support on this kernel"
-    headers.apply()
-    try:
-        class _NoAttach(bcc.BPF):
-            def _trace_autoload(self):
-                pass
-        with quiet_stderr():  # libbcc prints the verifier's refusal itself
-            b = _NoAttach(text=b"KFUNC_PROBE(do_nanosleep, u64 t) { return 0; }")
-            b.load_func(b"kfunc__do_nanosleep", bcc.BPF.TRACING)
-        b.cleanup()
-        return True, "a tracing program loaded"
-    except Exception:
-        if not is_root():
-            return False, "probing needs root"
-        return False, "the kernel refuses to load BPF tracing (fentry) programs"
-
-
 class Tracer:
     """The program, attached: counts per (tgid, kind), streamed events, and
     the guest RAM ranges of VMMs that host-side discards are matched against."""
@@ -196,21 +171,3 @@ class Tracer:
 
     def close(self) -> None:
         self.bpf.cleanup()
-
-
-@contextlib.contextmanager
-def quiet_stderr():
-    """Silence what libbcc writes to fd 2 (not Python's sys.stderr)."""
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-
-
-def is_root() -> bool:
-    return os.geteuid() == 0

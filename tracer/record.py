@@ -68,7 +68,7 @@ class Recorder:
                 raise UserError(f"cannot write {output}: no writable directory {parent}")
         self.interval = interval
         self.pids = pids or []
-        cap = kernel.capabilities(probes.fentry_probe)
+        cap = kernel.capabilities()
         if cap.tracefs is None:
             raise UserError("tracefs is not mounted: mount -t tracefs nodev /sys/kernel/tracing")
         self.hdrs = headers.apply()
