@@ -6,8 +6,6 @@ parsing) works on machines without it.
 from __future__ import annotations
 
 import ctypes
-import os
-from pathlib import Path
 
 import numpy as np
 
