@@ -80,6 +80,7 @@ def test_totals_and_crosscheck(rec):
     assert k["full_scans"] == 1 and k["scan_duration_s_mean"] == pytest.approx(0.2)
     assert (k["pages_shared_end"], k["pages_sharing_end"]) == (12, 58)
     assert x["merged_minus_unmerged"] == 20 == x["pages_shared_plus_sharing_change"]
+    assert x["pages_of_no_process_start"] == 0 == x["pages_of_no_process_end"]
     assert x["full_scans_counter_change"] == 1
     assert x["cow_ksm_change"] == 6
     assert s["balloon"]["host_discarded_pages"] == 256

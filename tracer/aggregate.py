@@ -83,7 +83,10 @@ def processes(df: pd.DataFrame) -> list[dict[str, Any]]:
         end = 0 if gone or s.empty else int(s.value.iloc[-1])
         merged = _sum(row, MERGED)
         seen = int(row.get("remove_rmap_item", 0))
-        unmerged = merged - (end - start)
+        # Without a ksm_stat sample or a ksm_enter (a process gone before the
+        # start, whose stale KSM pages ksmd cleans up now) only events speak.
+        derivable = not s.empty or "ksm_enter" in events
+        unmerged = merged - (end - start) if derivable else seen
         comm = who.comm.get(pid) if pid in who.index else None
         vm = who.vm.get(pid) if pid in who.index else None
         out.append({
@@ -129,6 +132,14 @@ def summarize(rec: Recording) -> dict[str, Any]:
                         - ksm_first["pages_shared"] - ksm_first["pages_sharing"])
     per_process_net = sum(p["ksm_merging_pages_end"] - p["ksm_merging_pages_start"]
                           for p in procs)
+    # KSM pages no known process accounts for: left by processes that exited
+    # before the recording, until ksmd cleans their stable nodes up.
+    orphans = {}
+    if shared_delta is not None:
+        for which, ksm, key in (("start", ksm_first, "ksm_merging_pages_start"),
+                                ("end", ksm_last, "ksm_merging_pages_end")):
+            orphans[which] = (ksm["pages_shared"] + ksm["pages_sharing"]
+                              - sum(p[key] for p in procs))
     inflated = int(totals.get("balloon_inflate", 0))
     deflated = int(totals.get("balloon_deflate", 0))
     return {
@@ -173,6 +184,10 @@ def summarize(rec: Recording) -> dict[str, Any]:
             "merged_minus_unmerged": merged - unmerged,
             "per_process_ksm_merging_pages_change": per_process_net,
             "pages_shared_plus_sharing_change": shared_delta,
+            "pages_of_no_process_start": orphans.get("start"),
+            "pages_of_no_process_end": orphans.get("end"),
+            "unmerges_seen_of_gone_processes": int(counts_by_process(df).get(
+                "remove_rmap_item", pd.Series(dtype=int)).get(0, 0)),
             "full_scans_traced": int(len(scans)),
             "full_scans_counter_change": delta(ksm_first, ksm_last, "full_scans"),
             "cow_ksm_change": delta(vm_first, vm_last, "cow_ksm"),

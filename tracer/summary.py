@@ -52,6 +52,12 @@ def render(s: dict) -> str:
         "Cross-check (events vs kernel counters)",
         f"  merged - unmerged {x['merged_minus_unmerged']:>9}   change of pages_shared + "
         f"pages_sharing {shared if shared is not None else '-':>9}",
+    ]
+    if x["pages_of_no_process_start"] or x["pages_of_no_process_end"]:
+        lines.append(f"  KSM pages of no running process (exited before): "
+                     f"{x['pages_of_no_process_start']} at start, "
+                     f"{x['pages_of_no_process_end']} at end")
+    lines += [
         f"  full scans traced {x['full_scans_traced']:>9}   change of full_scans "
         f"{x['full_scans_counter_change'] if x['full_scans_counter_change'] is not None else '-':>9}",
         f"  cow_ksm change    {x['cow_ksm_change'] if x['cow_ksm_change'] is not None else '-':>9}",
