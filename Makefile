@@ -13,30 +13,43 @@ ARCH        := $(shell dpkg --print-architecture 2>/dev/null || uname -m)
 PYTEST_ARGS ?=
 
 # System packages: bcc (from the distribution, never PyPI), kernel headers
-# for bcc, bpftrace (the peer in benchmarks), QEMU for the lab, Chromium for
-# browser tests.
+# for bcc, bpftrace (the peer in benchmarks), QEMU and busybox for the lab.
 APT_PACKAGES := python3-venv python3-bpfcc bpftrace linux-headers-$(ARCH) \
-                qemu-system-x86 qemu-utils busybox-static cpio chromium
+                qemu-system-x86 qemu-utils busybox-static cpio
 DNF_PACKAGES := python3 python3-bcc bpftrace kernel-devel qemu-system-x86 \
-                busybox cpio chromium
+                busybox cpio
+# What only the tests need: Chromium (report tests), Prometheus (exporter
+# test, promtool), Ruby and Vagrant (Vagrantfile checks), debootstrap and
+# e2fsprogs (the Debian 12 guest image).
+APT_TEST_PACKAGES := chromium prometheus ruby vagrant debootstrap e2fsprogs
+DNF_TEST_PACKAGES := chromium golang-github-prometheus ruby vagrant debootstrap e2fsprogs
 
-.PHONY: setup demo test bench clean
+.PHONY: setup setup-test demo lab test bench clean
 .DEFAULT_GOAL := demo
 
 setup: $(VENV)/.installed
+setup-test: setup $(VENV)/.system-test
 
-$(VENV)/.system:
+# Installs what is missing, and nothing when all is there (no apt-get update).
+define install_packages
 	@if command -v apt-get >/dev/null; then \
-	  missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	  missing=$$(for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	  if [ -n "$$missing" ]; then \
 	    echo "Installing system packages:" $$missing; \
 	    $(SUDO) apt-get update -qq && \
 	    DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
 	  fi; \
 	elif command -v dnf >/dev/null; then \
-	  $(SUDO) dnf install -y -q $(DNF_PACKAGES); \
+	  $(SUDO) dnf install -y -q $(2); \
 	else echo "no apt-get or dnf: install bcc's Python bindings and kernel headers by hand"; exit 1; fi
 	@mkdir -p $(VENV) && touch $@
+endef
+
+$(VENV)/.system:
+	$(call install_packages,$(APT_PACKAGES),$(DNF_PACKAGES))
+
+$(VENV)/.system-test:
+	$(call install_packages,$(APT_TEST_PACKAGES),$(DNF_TEST_PACKAGES))
 
 # The venv uses the distribution's Python, and sees bcc from the distribution
 # through one symlink (not --system-site-packages, which would drag in every
@@ -53,7 +66,10 @@ $(VENV)/.installed: $(VENV)/.system pyproject.toml
 demo: setup
 	$(SUDO) $(PY) -m tracer.demo
 
-test: setup
+lab: setup
+	$(SUDO) $(VENV)/bin/overcommit lab
+
+test: setup-test
 	$(SUDO) $(PY) -m pytest $(PYTEST_ARGS)
 
 bench: setup

@@ -69,23 +69,31 @@ def processes(df: pd.DataFrame) -> list[dict[str, Any]]:
     pids = sorted(set(counts.index) | set(stat.pid) | set(life.pid))
     who = (df[df.pid.isin(pids) & df.comm.notna()].groupby("pid", observed=True)
            [["comm", "vm"]].last())
+    # One pass over the rows, not one filter per process (live views call
+    # this every interval, with hundreds of processes).
+    events_of: dict[int, set[str]] = {}
+    for pid, name in zip(life.pid, life.name):
+        events_of.setdefault(pid, set()).add(name)
+    stat_of: dict[int, list[int]] = {}
+    for pid, value in zip(stat.pid, stat.value):
+        stat_of.setdefault(pid, []).append(int(value))
     out = []
     for pid in pids:
         if pid == 0:
             continue
         row = counts.loc[pid] if pid in counts.index else {}
-        events = set(life[life.pid == pid].name)
-        s = stat[stat.pid == pid]
+        events = events_of.get(pid, set())
+        s = stat_of.get(pid, [])
         # There at the start: ksm_merging_pages then is the baseline.  Came
         # later (ksm_enter, appeared): it started from 0.
-        start = int(s.value.iloc[0]) if "running" in events and len(s) else 0
+        start = s[0] if "running" in events and s else 0
         gone = "gone" in events or ("ksm_exit" in events and "ksm_enter" not in events)
-        end = 0 if gone or s.empty else int(s.value.iloc[-1])
+        end = 0 if gone or not s else s[-1]
         merged = _sum(row, MERGED)
         seen = int(row.get("remove_rmap_item", 0))
         # Without a ksm_stat sample or a ksm_enter (a process gone before the
         # start, whose stale KSM pages ksmd cleans up now) only events speak.
-        derivable = not s.empty or "ksm_enter" in events
+        derivable = bool(s) or "ksm_enter" in events
         unmerged = merged - (end - start) if derivable else seen
         comm = who.comm.get(pid) if pid in who.index else None
         vm = who.vm.get(pid) if pid in who.index else None

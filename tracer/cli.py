@@ -1,6 +1,7 @@
 """The `overcommit` command line (contract in DESIGN.md)."""
 from __future__ import annotations
 
+import importlib
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -16,8 +17,28 @@ def _fail(message: str, code: int = 1):
     sys.exit(code)
 
 
+# Commands in modules of their own, imported only when run: `record` must not
+# pay for plotly or QEMU handling at start-up.
+LAZY = {
+    "workload": "tracer.workload:workload_command",
+    "report": "reports.cli:report_command",
+    "top": "tracer.top:top_command",
+    "serve": "tracer.serve:serve_command",
+    "lab": "tracer.lab:lab_command",
+}
+
+
 class _Group(click.Group):
     """Every command: a user's mistake is one line and a non-zero exit."""
+
+    def list_commands(self, ctx):
+        return sorted([*super().list_commands(ctx), *LAZY])
+
+    def get_command(self, ctx, name):
+        if name in LAZY:
+            module, _, attr = LAZY[name].partition(":")
+            return getattr(importlib.import_module(module), attr)
+        return super().get_command(ctx, name)
 
     def invoke(self, ctx):
         from .counters import KsmUnavailable
@@ -106,15 +127,3 @@ def summary(file, as_json):
     the events cross-checked against the kernel's counters."""
     from . import summary as s
     click.echo(s.run(file, as_json))
-
-
-def _register_optional():
-    from .workload import workload_command
-    main.add_command(workload_command)
-    from .lab import lab_command
-    main.add_command(lab_command)
-    from reports.cli import report_command
-    main.add_command(report_command)
-
-
-_register_optional()

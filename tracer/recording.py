@@ -15,30 +15,41 @@ stream and reports the recording as not closed.
 
 Rows (column ``record`` says which kind of row):
 
-========  ===========================================================
-record    meaning
-========  ===========================================================
-count     in-kernel event counts of one interval: name = event kind,
-          pid/comm/vm = the process the pages belong to, value = count
-ksm       /sys/kernel/mm/ksm/<name> sampled at the end of the interval
-vmstat    /proc/vmstat <name>
-ksm_stat  /proc/<pid>/ksm_stat <name> of a KSM process
-process   a process seen: name = ksm_enter, ksm_exit, running (there at
-          the start), gone; t = when
-scan      one full pass of ksmd: seq, duration_ns, value = rmap_entries
-advisor   a KSM advisor decision: name = pages_to_scan / cpu_percent /
-          scan_time_ns, value
-event     one streamed event (--events): name = kind, pid, pfn, err
-lost      events lost so far (cumulative): name = kind, value
-interval  end of interval: value = its length in ns
-end       the recording was closed cleanly
-========  ===========================================================
+===========  ===========================================================
+record       meaning
+===========  ===========================================================
+count        in-kernel event counts of one interval: name = event kind,
+             pid/comm/vm = the process the pages belong to, value = count
+ksm          /sys/kernel/mm/ksm/<name> sampled at the end of the interval
+vmstat       /proc/vmstat <name>
+ksm_stat     /proc/<pid>/ksm_stat <name> of a KSM process
+process      a process seen: name = ksm_enter, ksm_exit, running (there at
+             the start), gone; t = when
+scan         one full pass of ksmd: seq, duration_ns, value = rmap_entries
+advisor      a KSM advisor decision: name = pages_to_scan / cpu_percent /
+             scan_time_ns, value
+event        one streamed event (--events): name = kind, pid, pfn, err
+lost         events lost so far (cumulative): name = kind, value
+interval     end of interval: value = its length in ns
+end          the recording was closed cleanly
+qmp          the lab (tracer/lab.py): a guest's balloon as QEMU reports it,
+             pid/comm/vm = the QEMU process: name = balloon_actual (guest
+             RAM less the balloon, bytes: query-balloon `actual`),
+             balloon_pages (the balloon, 4 KiB pages), balloon_target
+             (bytes, the last `balloon` command)
+guest_stats  the lab: a guest's own statistics through its balloon driver
+             (QMP guest-stats, "stat-" dropped, "-" as "_"), pid/comm/vm =
+             the QEMU process: free_memory, available_memory, total_memory,
+             disk_caches, swap_in, swap_out (bytes), major_faults,
+             minor_faults, htlb_pgalloc, htlb_pgfail (counts)
+lab          the lab: a phase begins: name = boot, merge, inflate, deflate,
+             done
+===========  ===========================================================
 
 ``t`` is seconds since the start of the recording (CLOCK_MONOTONIC).
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -126,42 +137,45 @@ class Recording:
 
 
 def read(path: Path | str) -> Recording:
-    """Read a recording, closed or not. Raises RecordingError with one line."""
+    """Read a recording, closed or not. Raises RecordingError with one line.
+
+    The file is memory-mapped: only the decoded table is held in memory."""
     path = Path(path)
     try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise RecordingError(f"{path}: {e.strerror}") from e
-    if not data.startswith(MAGIC):
+        data = pa.memory_map(str(path))
+    except (OSError, pa.ArrowIOError) as e:
+        raise RecordingError(f"{path}: {getattr(e, 'strerror', None) or e}") from e
+    # Not closed explicitly: buffers of the table may point into the mapping.
+    buf = data.read_buffer()
+    if buf.size < 8 or buf.slice(0, 6).to_pybytes() != MAGIC:
         raise RecordingError(f"{path}: not an overcommit recording (no Arrow IPC magic)")
-    if data.endswith(MAGIC):
+    if buf.slice(buf.size - 6).to_pybytes() == MAGIC:
         try:
-            reader = ipc.open_file(pa.py_buffer(data))
-            table = reader.read_all()
+            table = ipc.open_file(buf).read_all()
             return Recording(path, _meta(table.schema, path), table, closed=True)
         except pa.ArrowInvalid:
             pass  # a footer-looking tail that is not one: read as a stream
-    return _read_unclosed(path, data)
+    return _read_unclosed(path, buf)
 
 
-def _read_unclosed(path: Path, data: bytes) -> Recording:
+def _read_unclosed(path: Path, buf: pa.Buffer) -> Recording:
     # The IPC file format pads the 6-byte magic to 8 bytes; the stream follows.
-    buf = io.BytesIO(data[8:])
+    stream = pa.BufferReader(buf.slice(8))
     try:
-        reader = ipc.open_stream(buf)
+        reader = ipc.open_stream(stream)
     except (pa.ArrowInvalid, OSError) as e:
         raise RecordingError(f"{path}: truncated or corrupt before the first interval ({e})") from e
-    batches, good_end = [], buf.tell()
+    batches, good_end = [], stream.tell()
     while True:
         try:
             batches.append(reader.read_next_batch())
-            good_end = buf.tell()
+            good_end = stream.tell()
         except StopIteration:
             break
         except (pa.ArrowInvalid, OSError, EOFError):
             break
     table = pa.Table.from_batches(batches, schema=reader.schema)
-    damaged = len(data) - 8 - good_end
+    damaged = buf.size - 8 - good_end
     rec = Recording(path, _meta(reader.schema, path), table, closed=False,
                     damaged_bytes=max(damaged, 0))
     rec.notes.append("recording was not closed (the recorder was killed?): "
