@@ -592,8 +592,8 @@ def _headline(s: dict[str, Any], df: pd.DataFrame, level: pd.DataFrame, page: in
     returned = h["balloon_peak_mib"] or h["host_discarded_mib"] or h["balloon_inflated_mib"]
     if guest and returned:
         h["balloon_share"] = returned / guest
-    # What ksmd cost.  Not recorded yet: a `ksmd_cpu_ns` counter (a ksm row
-    # sampled each interval, or count rows) fills it when the recorder has it.
+    # What ksmd cost: the recorder samples ksmd's run time (schedstat) as a
+    # `ksmd_cpu_ns` ksm row each interval; older recordings lack it.
     cpu_ns = _counter_total(df, "ksmd_cpu_ns", duration)
     h["ksmd_cpu_s"] = None if cpu_ns is None else cpu_ns / 1e9
     h["ksmd_cpu_percent"] = (None if cpu_ns is None or duration <= 0

@@ -269,3 +269,18 @@ def ksm_pids(root: Path = Path("/")) -> list[int]:
         ):
             pids.append(int(entry.name))
     return sorted(pids)
+
+
+def ksmd_pid(root: Path = Path("/")) -> int | None:
+    """The ksmd kernel thread (one per host)."""
+    for entry in os.scandir(Path(root) / "proc"):
+        if entry.name.isdigit() and _read_proc_file(Path(entry.path) / "comm") == "ksmd\n":
+            return int(entry.name)
+    return None
+
+
+def ksmd_cpu_ns(pid: int, root: Path = Path("/")) -> int | None:
+    """CPU time ksmd has run, in ns: the first field of its schedstat
+    (CONFIG_SCHED_INFO), exact where utime/stime are tick-sampled."""
+    text = _read_proc_file(Path(root) / "proc" / str(pid) / "schedstat")
+    return int(text.split()[0]) if text else None

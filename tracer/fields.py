@@ -107,6 +107,7 @@ KSM_SYSFS = {f.name: f for f in [
     Field("ksm_zero_pages", "pages", "empty pages merged with the kernel zero page"),
     Field("stable_node_chains", "nodes", "KSM pages that hit the max_page_sharing limit"),
     Field("stable_node_dups", "nodes", "duplicated KSM pages (chained stable nodes)"),
+    Field("ksmd_cpu_ns", "ns", "CPU time ksmd has run (its schedstat), since boot"),
     Field("run", "setting", "0: ksmd stopped, 1: running, 2: stopped and all unmerged"),
     Field("pages_to_scan", "setting", "pages ksmd scans before it sleeps"),
     Field("sleep_millisecs", "setting", "milliseconds ksmd sleeps between batches"),

@@ -78,6 +78,7 @@ class Recorder:
         except (probes.ProbeError, kernel.KernelError) as e:
             raise UserError(str(e)) from e
         self.vmms: dict[int, tuple] = {}
+        self.ksmd = counters.ksmd_pid()
         self.t0_ns = time.monotonic_ns()
         self.registry = Registry()
         self.kind_names = np.array([""] + [kinds().get(i, str(i))
@@ -127,6 +128,10 @@ class Recorder:
         """The kernel's own accounting, at the end of the interval."""
         t = self._t()
         rows += [self._host_row("ksm", k, v, t) for k, v in counters.read_ksm().items()]
+        if self.ksmd is not None:
+            cpu = counters.ksmd_cpu_ns(self.ksmd)
+            if cpu is not None:
+                rows.append(self._host_row("ksm", "ksmd_cpu_ns", cpu, t))
         rows += [self._host_row("vmstat", k, v, t) for k, v in counters.read_vmstat().items()]
         for pid in sorted(self._watched()):
             stat = counters.read_ksm_stat(pid)
