@@ -1,7 +1,7 @@
 # overcommit: `make demo` and `make test` do all the set-up on a fresh
 # Debian/Ubuntu (apt) or Fedora (dnf) machine, then run.
 #
-#   make demo    set up, then trace the built-in workload with KSM on
+#   make demo    set up, then run the VM lab (2 guests, KSM and balloons)
 #   make test    set up, then run the whole test suite (needs root)
 #   make setup   only the set-up (system packages + .venv)
 
@@ -24,7 +24,7 @@ DNF_PACKAGES := python3 python3-bcc bpftrace kernel-devel qemu-system-x86 \
 APT_TEST_PACKAGES := chromium prometheus ruby vagrant debootstrap e2fsprogs
 DNF_TEST_PACKAGES := chromium golang-github-prometheus ruby vagrant debootstrap e2fsprogs
 
-.PHONY: setup setup-test demo lab test bench clean
+.PHONY: setup setup-test demo test bench clean
 .DEFAULT_GOAL := demo
 
 setup: $(VENV)/.installed
@@ -64,9 +64,6 @@ $(VENV)/.installed: $(VENV)/.system pyproject.toml
 	@touch $@
 
 demo: setup
-	$(SUDO) $(PY) -m tracer.demo
-
-lab: setup
 	$(SUDO) $(VENV)/bin/overcommit lab
 
 test: setup-test

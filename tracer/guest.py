@@ -22,13 +22,15 @@ import platform
 import re
 import shutil
 import stat
+import struct
 import subprocess
 import sys
 import tarfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 from .errors import UserError
 from .workload import page_content
@@ -165,9 +167,9 @@ class KernelSource:
 class HostKernel(KernelSource):
     """The running kernel, when /boot/vmlinuz-$(uname -r) is readable."""
 
-    def __init__(self, release: str):
-        self.vmlinuz = Path(f"/boot/vmlinuz-{release}")
-        self.moddir = Path(f"/lib/modules/{release}")
+    def __init__(self, release: str, root: Path = Path("/")):
+        self.vmlinuz = root / f"boot/vmlinuz-{release}"
+        self.moddir = root / f"lib/modules/{release}"
         self.origin = f"host kernel {self.vmlinuz}"
         builtin = self.moddir / "modules.builtin"
         self.builtin = _builtin(builtin.read_text()) if builtin.exists() else set()
@@ -179,8 +181,8 @@ class HostKernel(KernelSource):
                 self._paths[module_name(rel)] = self.moddir / rel
 
     @classmethod
-    def find(cls) -> "HostKernel | None":
-        k = cls(platform.release())
+    def find(cls, release: str | None = None, root: Path = Path("/")) -> HostKernel | None:
+        k = cls(release or platform.release(), root)
         if not os.access(k.vmlinuz, os.R_OK):
             return None
         if not all(m in k.builtin or m in k._paths for m in ROOT_MODULES):
@@ -198,36 +200,52 @@ class PackageKernel(KernelSource):
 
     META = "linux-image-amd64"
 
-    def __init__(self, progress=None):
+    def __init__(self, progress=None, package: str | None = None, version: str | None = None):
         self.progress = progress
-        self.package, self.version = self._resolve()
-        self.dir = CACHE / f"{self.package}_{self.version}"
-        self.origin = f"Debian {self.package} {self.version}"
-        self.vmlinuz = self.dir / "vmlinuz"
+        if package is None:
+            package, version = self._resolve()
+        self._use(package, version)
         stamp = self.dir / ".unpacked"
         if not stamp.exists():
             deb = self._download()
             self._unpack(deb, want_dirs=("kernel/drivers/virtio/",), want_names=set())
             deb.unlink()
-            stamp.touch()
+            (self.dir / ".unpacked").touch()
         self.builtin = _builtin((self.dir / "modules.builtin").read_text())
+
+    def _use(self, package: str, version: str) -> None:
+        self.package, self.version = package, version
+        self.dir = CACHE / f"{package}_{version}"
+        self.origin = f"Debian {package} {version}"
+        self.vmlinuz = self.dir / "vmlinuz"
+
+    @classmethod
+    def cached(cls, progress=None) -> PackageKernel | None:
+        """The newest kernel already unpacked in the cache (for when apt
+        cannot say which one is current, e.g. offline without package lists)."""
+        dirs = sorted((d for d in CACHE.glob("linux-image-*_*") if (d / ".unpacked").exists()),
+                      key=lambda d: d.stat().st_mtime)
+        if not dirs:
+            return None
+        package, version = dirs[-1].name.split("_", 1)
+        return cls(progress, package, version)
 
     def _resolve(self) -> tuple[str, str]:
         if not shutil.which("apt-cache"):
             raise UserError("no readable kernel image (/boot/vmlinuz-*) and no apt to fetch "
                             "one: install a kernel image readable by root")
         arch = subprocess.run(["dpkg", "--print-architecture"], capture_output=True,
-                              text=True).stdout.strip()
+                              text=True, check=False).stdout.strip()
         if arch != "amd64":
             raise UserError(f"the lab fetches amd64 kernels; this is {arch or platform.machine()}")
         out = subprocess.run(["apt-cache", "depends", self.META], capture_output=True,
-                             text=True).stdout
+                             text=True, check=False).stdout
         m = re.search(r"Depends:\s*(linux-image-\S+)", out)
         if not m:
             raise UserError(f"apt-cache does not know {self.META}: run apt-get update")
         package = m.group(1)
         out = subprocess.run(["apt-cache", "policy", package], capture_output=True,
-                             text=True).stdout
+                             text=True, check=False).stdout
         v = re.search(r"Candidate:\s*(\S+)", out)
         if not v or v.group(1) == "(none)":
             raise UserError(f"apt has no candidate for {package}: run apt-get update")
@@ -242,11 +260,20 @@ class PackageKernel(KernelSource):
             # apt drops to _apt, which may not write here: download as root.
             cmd[1:1] = ["-o", "APT::Sandbox::User=root"]
         r = subprocess.run(cmd, cwd=self.dir, stdout=sys.stderr, stderr=subprocess.PIPE,
-                           text=True)
+                           text=True, check=False)
+        if r.returncode and os.geteuid() == 0:
+            # Stale package lists name a version the mirror no longer has.
+            _say(self.progress, "apt-get download failed; running apt-get update once")
+            subprocess.run(["apt-get", "update", "-qq"], stdout=sys.stderr, check=False)
+            self._use(*self._resolve())
+            self.dir.mkdir(parents=True, exist_ok=True)
+            cmd[-1] = f"{self.package}={self.version}"
+            r = subprocess.run(cmd, cwd=self.dir, stdout=sys.stderr, stderr=subprocess.PIPE,
+                               text=True, check=False)
         debs = sorted(self.dir.glob(f"{self.package}_*.deb"))
         if r.returncode or not debs:
-            raise UserError(f"apt-get download {self.package} failed: "
-                            f"{r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
+            last = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}"
+            raise UserError(f"apt-get download {self.package} failed: {last}")
         return debs[-1]
 
     def _unpack(self, deb: Path, want_dirs: tuple[str, ...], want_names: set[str]) -> None:
@@ -309,7 +336,17 @@ class PackageKernel(KernelSource):
 
 def kernel_source(progress=None) -> KernelSource:
     """The host's kernel where readable (and with virtio_balloon), else Debian's."""
-    return HostKernel.find() or PackageKernel(progress)
+    host = HostKernel.find()
+    if host:
+        return host
+    try:
+        return PackageKernel(progress)
+    except UserError:
+        cached = PackageKernel.cached(progress)
+        if cached is None:
+            raise
+        _say(progress, f"apt cannot fetch a kernel now: using the cached {cached.origin}")
+        return cached
 
 
 # -- the initramfs ------------------------------------------------------------
@@ -359,15 +396,30 @@ def pattern() -> bytes:
     return b"".join(page_content(PATTERN_SEED, i) for i in range(PATTERN_PAGES))
 
 
-def busybox() -> Path:
+def is_static(elf: bytes) -> bool:
+    """An ELF executable without a program interpreter (PT_INTERP)."""
+    if elf[:4] != b"\x7fELF" or elf[4] != 2:   # 64-bit only: the lab is x86_64
+        return False
+    order = "<" if elf[5] == 1 else ">"
+    phoff, = struct.unpack_from(order + "Q", elf, 0x20)
+    phentsize, phnum = struct.unpack_from(order + "HH", elf, 0x36)
+    for i in range(phnum):
+        p_type, = struct.unpack_from(order + "I", elf, phoff + i * phentsize)
+        if p_type == 3:   # PT_INTERP: needs a dynamic loader the initramfs lacks
+            return False
+    return True
+
+
+def busybox() -> bytes:
+    """A static busybox (Debian: busybox-static; Fedora's busybox is static)."""
     for p in BUSYBOX_CANDIDATES:
-        if p.exists():
-            out = subprocess.run(["file", "-L", str(p)], capture_output=True, text=True).stdout \
-                if shutil.which("file") else "statically linked"
-            if "dynamically linked" in out:
-                continue
-            return p
-    raise UserError("no static busybox: apt-get install busybox-static")
+        try:
+            data = p.read_bytes()
+        except OSError:
+            continue
+        if is_static(data):
+            return data
+    raise UserError("no static busybox: apt-get install busybox-static (or dnf install busybox)")
 
 
 def initramfs(modules: list[tuple[str, bytes]], bb: bytes) -> bytes:
@@ -386,12 +438,12 @@ def initramfs(modules: list[tuple[str, bytes]], bb: bytes) -> bytes:
     return c.finish()
 
 
-def build(progress: Callable[[str], None] | None = None) -> Image:
+def build(progress: Callable[[str], None] | None = None,
+          src: KernelSource | None = None) -> Image:
     """The guest image, from the cache when its inputs have not changed."""
     t0 = time.monotonic()
-    src = kernel_source(progress)
-    bb_path = busybox()
-    bb = bb_path.read_bytes()
+    src = src or kernel_source(progress)
+    bb = busybox()
     deps: dict[str, list[str]] = {}
     elves: dict[str, bytes] = {}
     todo = [m for m in ROOT_MODULES if m not in src.builtin]

@@ -29,6 +29,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,11 +55,16 @@ MERGE_TIMEOUT_S = 90.0
 BALLOON_TIMEOUT_S = 90.0
 SETTLE_S = 5.0          # merging / ballooning "has settled" after this long unchanged
 QMP_TIMEOUT_S = 10.0
+HOLD_S = 5.0            # intervals recorded with the balloons inflated, and at the end
 
 
 class Interrupted(UserError):
     def __init__(self):
         super().__init__("lab interrupted: guests stopped, KSM settings restored", 130)
+
+
+class LabTimeout(UserError):
+    """A phase did not finish in time."""
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child
@@ -74,10 +80,6 @@ def qemu_binary() -> str:
         raise UserError("qemu-system-x86_64 not found: apt-get install qemu-system-x86 "
                         "(or dnf install qemu-system-x86)")
     return path
-
-
-def _short(path: Path) -> str:
-    return str(path) if len(str(path)) < 100 else os.path.relpath(path)
 
 
 @dataclass
@@ -109,7 +111,11 @@ class Guest:
 
     @property
     def qmp_path(self) -> Path:
-        return self.dir / f"{self.name}.qmp"
+        path = self.dir / f"{self.name}.qmp"
+        if len(str(path)) < 100:
+            return path
+        # A UNIX socket's path must fit in 108 bytes (sun_path).
+        return Path(tempfile.gettempdir()) / f"overcommit-lab-{os.getpid()}" / path.name
 
     def argv(self, image: guest.Image, qemu: str) -> list[str]:
         return [
@@ -121,22 +127,24 @@ class Guest:
             "-nodefaults", "-no-user-config", "-display", "none", "-nic", "none",
             "-serial", f"file:{self.console}",
             "-kernel", str(image.kernel), "-initrd", str(image.initrd),
-            "-append", f"console=ttyS0 panic=-1 loglevel=4 lab.fill_mib={self.fill_mib}",
+            "-append", f"console=ttyS0 panic=-1 lab.fill_mib={self.fill_mib}",
             "-device", "virtio-balloon-pci,id=balloon0",
-            "-qmp", f"unix:{_short(self.qmp_path)},server=on,wait=off",
+            # (QEMU option syntax: a comma in a value is written twice)
+            "-qmp", f"unix:{str(self.qmp_path).replace(',', ',,')},server=on,wait=off",
             "-no-reboot",
         ]
 
     def start(self, image: guest.Image, qemu: str) -> None:
         for p in (self.console, self.qmp_path):
             p.unlink(missing_ok=True)
+        self.qmp_path.parent.mkdir(parents=True, exist_ok=True)
         self.console.touch()
-        log = open(self.dir / f"{self.name}.qemu.log", "wb")
-        self.proc = subprocess.Popen(self.argv(image, qemu), stdin=subprocess.DEVNULL,
-                                     stdout=log, stderr=subprocess.STDOUT,
-                                     start_new_session=True,  # Ctrl-C is the lab's to handle
-                                     preexec_fn=_die_with_parent)
-        log.close()
+        with open(self.dir / f"{self.name}.qemu.log", "wb") as log:
+            # preexec_fn: the lab runs no threads of its own while starting guests
+            self.proc = subprocess.Popen(self.argv(image, qemu), stdin=subprocess.DEVNULL,
+                                         stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True,  # Ctrl-C is the lab's
+                                         preexec_fn=_die_with_parent)  # noqa: PLW1509
         self.started = time.monotonic()
         self.state = "starting"
 
@@ -197,44 +205,54 @@ class Guest:
 
     def stop(self, quit_timeout: float = 2.0, term_timeout: float = 5.0) -> int | None:
         """Stop QEMU by its pid: QMP quit, then SIGTERM, then SIGKILL."""
-        if self.proc is None:
-            return None
-        self.request_quit(quit_timeout)
-        if self.qmp is not None:
-            self.qmp.close()
-            self.qmp = None
-        steps = [(signal.SIGTERM, term_timeout), (signal.SIGKILL, 30.0)]
-        if self.quit_sent:
-            steps.insert(0, (None, quit_timeout))
-        for sig, wait in steps:
-            if self.proc.poll() is not None:
-                break
-            if sig is not None:
-                try:
-                    os.kill(self.proc.pid, sig)
-                except ProcessLookupError:
-                    pass
+        stop_all([self], quit_timeout, term_timeout)
+        return self.proc.returncode if self.proc else None
+
+
+def _wait_all(procs: list[subprocess.Popen], timeout: float) -> None:
+    end = time.monotonic() + timeout
+    for p in procs:
+        try:
+            p.wait(max(0.0, end - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def stop_all(guests: list[Guest], quit_timeout: float = 2.0, term_timeout: float = 5.0) -> None:
+    """Stop every guest by its pid, all at once: QMP quit, then SIGTERM, then
+    SIGKILL for those still there.  A hung guest neither keeps the others
+    running nor makes them wait in turn."""
+    started = [g for g in guests if g.proc is not None]
+    for g in started:
+        g.request_quit(quit_timeout)
+    if any(g.quit_sent for g in started):
+        _wait_all([g.proc for g in started], quit_timeout)
+    for sig, timeout in ((signal.SIGTERM, term_timeout), (signal.SIGKILL, 30.0)):
+        alive = [g.proc for g in started if g.proc.poll() is None]
+        for p in alive:
             try:
-                self.proc.wait(wait)
-            except subprocess.TimeoutExpired:
-                continue
-        self.state = "stopped"
-        self.qmp_path.unlink(missing_ok=True)
-        return self.proc.returncode
-
-
-def stop_all(guests: list[Guest]) -> None:
-    """Stop every guest; one hung guest does not keep the others running."""
-    for g in guests:
-        g.request_quit()
-    for g in guests:
-        g.stop()
+                os.kill(p.pid, sig)
+            except ProcessLookupError:
+                pass
+        _wait_all(alive, timeout)
+    for g in started:
+        if g.qmp is not None:
+            g.qmp.close()
+            g.qmp = None
+        g.state = "stopped"
+        g.qmp_path.unlink(missing_ok=True)
+        if g.qmp_path.parent != g.dir:
+            try:
+                g.qmp_path.parent.rmdir()
+            except OSError:
+                pass   # another guest's socket is still there
 
 
 # -- KVM or TCG ---------------------------------------------------------------
 
 def _kvm_cache_key(image: guest.Image, qemu: str) -> str:
-    ver = subprocess.run([qemu, "--version"], capture_output=True, text=True).stdout
+    ver = subprocess.run([qemu, "--version"], capture_output=True, text=True,
+                         check=False).stdout
     h = hashlib.sha256(f"{os.uname().release}\0{image.origin}\0{ver}".encode())
     return h.hexdigest()[:16]
 
@@ -304,7 +322,7 @@ class Settings:
     interval: float = 1.0
     accel: str = "auto"
 
-    def resolve(self) -> "Settings":
+    def resolve(self) -> Settings:
         if self.fill_mib is None:
             self.fill_mib = max(0, self.guest_mib - self.balloon_mib - GUEST_BASE_MIB)
         room = self.guest_mib - GUEST_BASE_MIB - self.fill_mib
@@ -367,7 +385,8 @@ class Lab:
             except QMPCommandError:
                 stats = {}   # no statistics from the guest yet
             for name, value in sorted(stats.get("stats", {}).items()):
-                if value >= 0:   # -1: the guest did not report this one
+                # (u64)-1: not reported (yet) by this guest
+                if 0 <= value < 1 << 63:
                     rows.append({"record": "guest_stats",
                                  "name": name.removeprefix("stat-").replace("-", "_"),
                                  "value": int(value), **who})
@@ -378,7 +397,7 @@ class Lab:
         end = time.monotonic() + timeout
         while not done():
             if time.monotonic() > end:
-                raise UserError(f"{what}: not done after {timeout:g}s "
+                raise LabTimeout(f"{what}: not done after {timeout:g}s "
                                 f"(consoles and QEMU logs in {self.s.outdir})")
             self.tick()
 
@@ -432,7 +451,7 @@ class Lab:
         done = self.settled(read, state)
         try:
             self.wait("KSM merging", done, MERGE_TIMEOUT_S)
-        except UserError:
+        except LabTimeout:
             self.log("KSM is still merging; going on")
         self.log("KSM merged: " + ", ".join(f"{k} {v} pages" for k, v in self.merging().items()))
 
@@ -462,11 +481,16 @@ class Lab:
         self.boot()
         self.merge()
         self.balloon(self.s.guest_mib - self.s.balloon_mib, "inflate")
-        for _ in range(2):
-            self.tick()
+        self.hold()
         self.balloon(self.s.guest_mib, "deflate")
+        self.hold()
         self.phase("done")
         self.tick()
+
+    def hold(self) -> None:
+        end = time.monotonic() + HOLD_S
+        while time.monotonic() < end:
+            self.tick()
 
 
 def run(s: Settings, say: Callable[[str], None] = lambda t: click.echo(t, err=True)) -> Path:
@@ -527,11 +551,14 @@ def run(s: Settings, say: Callable[[str], None] = lambda t: click.echo(t, err=Tr
 def _report(recording: Path, html: Path, say) -> bool:
     """The HTML report, if this installation has the `report` command."""
     from . import cli
-    if "report" not in cli.main.commands:
+    try:   # the reports package is optional (and its command imported lazily)
+        if cli.main.get_command(click.Context(cli.main), "report") is None:
+            return False
+    except ImportError:
         return False
     r = subprocess.run([sys.executable, "-c", "from tracer.cli import main; main()",
                         "report", str(recording), "-o", str(html)],
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, check=False)
     if r.returncode:
         say(f"(no report: {(r.stderr.strip().splitlines() or ['failed'])[-1]})")
         return False
@@ -571,7 +598,7 @@ def lab_command(guests, guest_mib, balloon_mib, fill_mib, outdir, interval, acce
     """
     from .summary import run as summary
     s = Settings(guests, guest_mib, balloon_mib, fill_mib, outdir, interval, accel)
-    say = lambda t: click.echo(t, err=True)  # noqa: E731
+    say = lambda t: click.echo(t, err=True)
     output = run(s, say)
     click.echo(summary(output, False))
     html = outdir / "report.html"

@@ -159,7 +159,7 @@ class QMP:
         except OSError:
             pass
 
-    def __enter__(self) -> "QMP":
+    def __enter__(self) -> QMP:  # noqa: PYI034 (Python 3.9 has no typing.Self)
         return self
 
     def __exit__(self, *exc) -> None:
