@@ -35,8 +35,10 @@ def render(s: dict) -> str:
         f"{k['general_profit_end']}",
         "",
         "Balloon",
-        f"  inflated {b['inflated_pages']}  deflated {b['deflated_pages']}  "
-        f"host discarded {b['host_discarded_pages']} pages",
+        f"  this kernel's balloon (as a guest): inflated {b['inflated_pages']}, deflated "
+        f"{b['deflated_pages']} pages ({s['attach'].get('balloon', '-')})",
+        f"  VMs' balloons (as a host): guest RAM discarded {b['host_discarded_pages']}, "
+        f"asked back {b['host_willneed_pages']} pages",
         "",
         f"{'PID':>7} {'COMM':<16} {'VM':<14} {'MERGED':>9} {'UNMERGED':>9} "
         f"{'MERGING':>9} {'DISCARD':>9}",
