@@ -507,7 +507,7 @@ def run(s: Settings, say: Callable[[str], None] = lambda t: click.echo(t, err=Tr
     image = guest.build(say)
     say(f"Guest: {image.origin}, busybox initramfs {image.initrd}")
     accel = choose_accel(image, qemu, s.outdir, say, s.accel)
-    from .record import Recorder, _StopFlag, banner
+    from .record import Recorder, StopFlag, banner
     output = s.outdir / "lab.arrow"
     guests = [Guest(f"lab-{i + 1}", s.guest_mib, s.fill_mib, accel, s.outdir)
               for i in range(s.guests)]
@@ -516,7 +516,7 @@ def run(s: Settings, say: Callable[[str], None] = lambda t: click.echo(t, err=Tr
         ksm["advisor_mode"] = "none"   # pages_to_scan is refused under the advisor
     t0 = time.monotonic()
     lab = None
-    with _StopFlag() as stop:
+    with StopFlag() as stop:
         try:
             rec = Recorder(output, s.interval, None, False)
             say(banner(rec, output, None).replace("Ctrl-C to end", "until the lab is done"))

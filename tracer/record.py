@@ -21,7 +21,7 @@ from .procs import Registry
 from .recording import COLUMNS, Writer
 
 
-class _StopFlag:
+class StopFlag:
     """Ctrl-C, SIGTERM and SIGHUP end the recording at the next poll, never
     in the middle of writing an interval."""
 
@@ -238,7 +238,7 @@ class Recorder:
 
     # -- running ------------------------------------------------------------
 
-    def step(self, deadline: float, stop: _StopFlag) -> int:
+    def step(self, deadline: float, stop: StopFlag) -> int:
         """Poll until `deadline` (monotonic s) or a stop signal, then write
         one interval."""
         start = time.monotonic()
@@ -294,7 +294,7 @@ def run(output: Path, duration: float | None, interval: float, pids: list[int] |
     called once tracing is attached."""
     err = sys.stderr
     tty = progress and err.isatty()
-    with _StopFlag() as stop:
+    with StopFlag() as stop:
         rec = Recorder(output, interval, pids, stream_events)
         print(banner(rec, output, duration), file=err, flush=True)
         if on_start:

@@ -217,7 +217,7 @@ def metric_names() -> list[str]:
 def run(listen: str, interval: float, pids: list[int]) -> None:
     from prometheus_client import start_http_server
     from .live import Live
-    from .record import Recorder, _StopFlag
+    from .record import Recorder, StopFlag
     host, port = parse_listen(listen)
     live: list[Live] = []
 
@@ -233,7 +233,7 @@ def run(listen: str, interval: float, pids: list[int]) -> None:
     except OSError as e:
         raise UserError(f"cannot listen on {listen}: {e.strerror or e}") from e
     try:
-        with _StopFlag() as stop:
+        with StopFlag() as stop:
             rec = Recorder(None, interval, pids, False, sink_factory=sink)
             try:
                 exporter.meta = rec.meta

@@ -143,7 +143,7 @@ def banner(rec, interval: float) -> str:
 def run(interval: float, count: int | None, pids: list[int], sort: str, noclear: bool,
         maxrows: int, as_json: bool) -> None:
     from .live import Live
-    from .record import Recorder, _StopFlag
+    from .record import Recorder, StopFlag
     out = sys.stdout
     clear = out.isatty() and not noclear and not as_json
     live: list[Live] = []
@@ -152,7 +152,7 @@ def run(interval: float, count: int | None, pids: list[int], sort: str, noclear:
         live.append(Live(meta))
         return live[0]
 
-    with _StopFlag() as stop:
+    with StopFlag() as stop:
         rec = Recorder(None, interval, pids, False, sink_factory=sink)
         try:
             click.echo(banner(rec, interval), err=True)
