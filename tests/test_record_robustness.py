@@ -1,11 +1,14 @@
 """A recording survives Ctrl-C, SIGTERM and kill -9; bad input is one line."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import stat
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -76,11 +79,30 @@ def test_missing_pid_is_one_line(tmp_path):
     assert not (tmp_path / "r.arrow").exists()
 
 
+@contextlib.contextmanager
+def _searchable_by_others(path: Path):
+    """Let user nobody reach the project (a CI clone may sit in a 0700
+    directory): add o+x to the directories on the way, then restore them."""
+    changed = []
+    for d in [path, *path.parents]:
+        mode = d.stat().st_mode
+        if not mode & stat.S_IXOTH:
+            os.chmod(d, stat.S_IMODE(mode) | stat.S_IXOTH)
+            changed.append((d, stat.S_IMODE(mode)))
+    try:
+        yield
+    finally:
+        for d, mode in changed:
+            os.chmod(d, mode)
+
+
 def test_not_root_is_one_line(tmp_path):
     os.chmod(tmp_path, 0o777)
-    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                        OVERCOMMIT, "record", "-d", "1", "-o", str(tmp_path / "r.arrow")],
-                       capture_output=True, text=True)
+    with _searchable_by_others(Path(OVERCOMMIT).resolve().parent.parent), \
+            _searchable_by_others(tmp_path):
+        r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                            OVERCOMMIT, "record", "-d", "1", "-o", str(tmp_path / "r.arrow")],
+                           capture_output=True, text=True)
     _one_line_error(r)
     assert "needs root" in r.stderr
 
