@@ -120,12 +120,9 @@ TRACEPOINT_PROBE(ksm, ksm_enter)
 
 	bpf_probe_read_kernel(&cur_mm, sizeof(cur_mm),
 			      (void *)((u64)task + OC_TASK_MM_OFFSET));
-	if (cur_mm == mm) {
-		mm_tgid.update(&mm, &tgid);
-	} else {
-		mm_tgid.delete(&mm);
+	if (cur_mm != mm)
 		tgid = 0;
-	}
+	oc_mm_tgid_set(mm, tgid);
 	if (oc_wanted(tgid) || !tgid)
 		oc_rare(tgid, OC_KSM_ENTER, mm, 0, 0);
 	return 0;

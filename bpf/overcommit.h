@@ -94,10 +94,29 @@ struct oc_rare {
 #define OC_EVENTS_RINGBUF_PAGES 4096
 #endif
 
-BPF_HASH(counts, struct oc_count_key, u64, 16384);
+/* Per CPU: no atomic add on the hot path; user space sums the CPUs. */
+BPF_PERCPU_HASH(counts, struct oc_count_key, u64, 16384);
 BPF_ARRAY(lost, u64, OC_KIND_MAX);
-/* mm -> tgid, learnt at ksm_enter (owner's context) or through mm->owner */
-BPF_TABLE("lru_hash", u64, u32, mm_tgid, 65536);
+/*
+ * mm -> tgid, learnt at ksm_enter (owner's context) or through mm->owner.
+ * A plain hash (an LRU hash costs more per lookup, on every merge); entries
+ * stay after ksm_exit because ksmd cleans up an exited mm's pages later.
+ */
+BPF_HASH(mm_tgid, u64, u32, 65536);
+
+/*
+ * ksmd works through one mm's pages at a time, so the last answer is nearly
+ * always the next one: a per-CPU cache in front of mm_tgid, invalidated by a
+ * generation that every change of mm_tgid by ksm_enter bumps.
+ */
+struct oc_mm_cache {
+	u64 mm;
+	u64 gen;
+	u32 tgid;
+	u32 pad;
+};
+BPF_PERCPU_ARRAY(mm_cache, struct oc_mm_cache, 1);
+BPF_ARRAY(mm_gen, u64, 1);
 BPF_HASH(pid_filter, u32, u8, 1024);
 BPF_RINGBUF_OUTPUT(rare, 64);
 #if OC_STREAM_EVENTS
@@ -126,7 +145,7 @@ static __always_inline int oc_wanted(u32 tgid)
  * an mm registered before tracing began, follow mm->owner (CONFIG_MEMCG),
  * which points to a thread of the owning process, and cache the answer.
  */
-static __always_inline u32 oc_mm_tgid(u64 mm)
+static __always_inline u32 oc_mm_tgid_slow(u64 mm)
 {
 	u32 *known = mm_tgid.lookup(&mm);
 	if (known)
@@ -150,12 +169,45 @@ static __always_inline u32 oc_mm_tgid(u64 mm)
 #endif
 }
 
+static __always_inline u32 oc_mm_tgid(u64 mm)
+{
+	u32 zero = 0, tgid;
+	u64 *gen = mm_gen.lookup(&zero);
+	struct oc_mm_cache *c = mm_cache.lookup(&zero);
+
+	if (!gen || !c)
+		return oc_mm_tgid_slow(mm);
+	if (c->mm == mm && c->gen == *gen)
+		return c->tgid;
+	tgid = oc_mm_tgid_slow(mm);
+	if (tgid) {	/* an owner not found now may be found next time */
+		c->mm = mm;
+		c->gen = *gen;
+		c->tgid = tgid;
+	}
+	return tgid;
+}
+
+/* ksm_enter learnt (tgid) or unlearnt (0) who owns an mm. */
+static __always_inline void oc_mm_tgid_set(u64 mm, u32 tgid)
+{
+	u32 zero = 0;
+	u64 *gen = mm_gen.lookup(&zero);
+
+	if (tgid)
+		mm_tgid.update(&mm, &tgid);
+	else
+		mm_tgid.delete(&mm);
+	if (gen)
+		__sync_fetch_and_add(gen, 1);
+}
+
 static __always_inline void oc_count(u32 tgid, u32 kind, u64 pages)
 {
 	struct oc_count_key key = { .tgid = tgid, .kind = kind };
 	u64 zero = 0, *n = counts.lookup_or_try_init(&key, &zero);
 	if (n)
-		__sync_fetch_and_add(n, pages);
+		*n += pages;
 	else
 		oc_lost(kind);	/* counts map full: say so rather than undercount */
 }
@@ -214,11 +266,19 @@ static __always_inline void oc_rare(u32 tgid, u32 kind, u64 a, s64 b, s32 seq)
  */
 static __always_inline u64 oc_page_to_pfn(u64 page)
 {
-	u64 base = OC_VMEMMAP_BASE;
+	u64 base = OC_VMEMMAP_BASE, addr = 0;
 #if OC_VMEMMAP_BASE_SYM
 	bpf_probe_read_kernel(&base, sizeof(base), (void *)OC_VMEMMAP_BASE_SYM);
 #endif
-	return (page - base) / OC_STRUCT_PAGE_SIZE;
+	/*
+	 * fentry/fexit arguments are typed by BTF: the verifier knows `page` as
+	 * a struct page pointer whatever C type we give it, and refuses
+	 * arithmetic with an unbounded number ("math between ptr_ pointer and
+	 * register with unbounded min value", Linux 6.1).  Copied through a
+	 * helper it is a plain number (a no-op for kprobes).
+	 */
+	bpf_probe_read_kernel(&addr, sizeof(addr), &page);
+	return (addr - base) / OC_STRUCT_PAGE_SIZE;
 }
 #endif
 

@@ -140,8 +140,9 @@ class Tracer:
     def counts(self) -> dict[tuple[int, str], int]:
         """Cumulative in-kernel counts by (tgid, kind name)."""
         names = kinds()
-        return {(k.tgid, names.get(k.kind, str(k.kind))): v.value
-                for k, v in self.bpf["counts"].items()}
+        table = self.bpf["counts"]   # per CPU
+        return {(k.tgid, names.get(k.kind, str(k.kind))): table.sum(k).value
+                for k in table.keys()}
 
     def lost(self) -> dict[str, int]:
         names = kinds()

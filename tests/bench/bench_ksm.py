@@ -8,7 +8,9 @@
    `overcommit record` attached and with bpftrace counting the same
    tracepoints, interleaved round by round (this machine is shared and
    noisy: compare the ratios, not the absolute figures).  ksmd's CPU time is
-   its schedstat run time (ns, exact).
+   its schedstat run time (ns, exact).  Beside it, the exact time spent in
+   each tracer's BPF programs (kernel.bpf_stats_enabled: run_time_ns in the
+   programs' fdinfo), per merged page.
 2. events: `record --events` while ksmd merges flat out (pages_to_scan=20000,
    sleep_millisecs=0): streamed events vs the in-kernel count, and losses.
 3. startup: from exec of `overcommit record` to the first traced event.
@@ -99,10 +101,46 @@ def tracer_proc(kind: str, tmp: Path) -> subprocess.Popen | None:
     return p
 
 
+def bpf_run_time_ns(pid: int) -> int:
+    """Time the BPF programs a process holds have run (bpf_stats_enabled)."""
+    total = 0
+    for info in Path(f"/proc/{pid}/fdinfo").iterdir():
+        try:
+            text = info.read_text()
+        except OSError:
+            continue
+        if "prog_tag:" in text:
+            for line in text.splitlines():
+                if line.startswith("run_time_ns:"):
+                    total += int(line.split()[1])
+    return total
+
+
 def overhead(rounds: int, tmp: Path) -> None:
     print(f"\n1. ksmd CPU per merged page, {MERGE_PAGES} pages per round, {rounds} rounds")
     pid = ksmd_pid()
     per_page: dict[str, list[float]] = {"nothing": [], "overcommit": [], "bpftrace": []}
+    in_bpf: dict[str, list[float]] = {"overcommit": [], "bpftrace": []}
+    stats = Path("/proc/sys/kernel/bpf_stats_enabled")
+    saved_stats = stats.read_text()
+    stats.write_text("1")
+    try:
+        _overhead_rounds(rounds, tmp, pid, per_page, in_bpf)
+    finally:
+        stats.write_text(saved_stats)
+    med = {k: statistics.median(v) for k, v in per_page.items()}
+    print("   median ns of ksmd CPU per merged page: "
+          + ", ".join(f"{k} {v:.0f}" for k, v in med.items()))
+    print(f"   ratio overcommit/nothing {med['overcommit'] / med['nothing']:.3f}   "
+          f"bpftrace/nothing {med['bpftrace'] / med['nothing']:.3f}   "
+          f"overcommit/bpftrace {med['overcommit'] / med['bpftrace']:.3f}")
+    bpf = {k: statistics.median(v) for k, v in in_bpf.items()}
+    print("   exact ns in BPF programs per merged page: "
+          + ", ".join(f"{k} {v:.0f} ({100 * v / med['nothing']:.1f}% of ksmd's "
+                      "CPU per page)" for k, v in bpf.items()))
+
+
+def _overhead_rounds(rounds, tmp, pid, per_page, in_bpf) -> None:
     for r in range(rounds):
         for kind in per_page:
             unmerge_all()
@@ -115,19 +153,16 @@ def overhead(rounds: int, tmp: Path) -> None:
                     time.sleep(0.005)
                 cpu = ksmd_cpu_ns(pid) - cpu0
                 counters.write_ksm_settings({"run": 0})
-                per_page[kind].append(cpu / (shared() - base))
+                merged = shared() - base
+                per_page[kind].append(cpu / merged)
+                if t:
+                    in_bpf[kind].append(bpf_run_time_ns(t.pid) / merged)
             finally:
                 if t:
                     stop(t, signal.SIGINT)
                 stop(w)
         print(f"   round {r + 1}: " + "  ".join(f"{k} {v[-1]:.0f} ns/page"
                                               for k, v in per_page.items()))
-    med = {k: statistics.median(v) for k, v in per_page.items()}
-    print("   median ns of ksmd CPU per merged page: "
-          + ", ".join(f"{k} {v:.0f}" for k, v in med.items()))
-    print(f"   ratio overcommit/nothing {med['overcommit'] / med['nothing']:.3f}   "
-          f"bpftrace/nothing {med['bpftrace'] / med['nothing']:.3f}   "
-          f"overcommit/bpftrace {med['overcommit'] / med['bpftrace']:.3f}")
 
 
 def events(tmp: Path) -> None:
