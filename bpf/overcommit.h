@@ -270,14 +270,18 @@ static __always_inline u64 oc_page_to_pfn(u64 page)
 #if OC_VMEMMAP_BASE_SYM
 	bpf_probe_read_kernel(&base, sizeof(base), (void *)OC_VMEMMAP_BASE_SYM);
 #endif
+#if OC_KSM_FENTRY || OC_BALLOON_FENTRY
 	/*
 	 * fentry/fexit arguments are typed by BTF: the verifier knows `page` as
 	 * a struct page pointer whatever C type we give it, and refuses
 	 * arithmetic with an unbounded number ("math between ptr_ pointer and
 	 * register with unbounded min value", Linux 6.1).  Copied through a
-	 * helper it is a plain number (a no-op for kprobes).
+	 * helper it is a plain number.
 	 */
 	bpf_probe_read_kernel(&addr, sizeof(addr), &page);
+#else
+	addr = page;
+#endif
 	return (addr - base) / OC_STRUCT_PAGE_SIZE;
 }
 #endif

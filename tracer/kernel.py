@@ -175,10 +175,21 @@ def fentry_loads() -> tuple[bool, str]:
                    f"({errno.errorcode.get(err, err)})")
 
 
+ATTACH_ENV = "OVERCOMMIT_ATTACH"
+
+
 def capabilities() -> Capabilities:
+    """What this kernel offers.  OVERCOMMIT_ATTACH=kprobe (or fentry) leaves
+    the other function-hook mechanism out, to run a given variant for real
+    where the kernel offers both."""
     fs = tracefs(mount=True)
-    return Capabilities(release(), str(fs) if fs else None, btf() is not None, kprobes(),
-                        fentry_loads())
+    kp, fe = kprobes(), fentry_loads()
+    forced = os.environ.get(ATTACH_ENV)
+    if forced == KPROBE and fe[0]:
+        fe = (False, f"left out ({ATTACH_ENV}=kprobe)")
+    elif forced == FENTRY and kp[0]:
+        kp = (False, f"left out ({ATTACH_ENV}=fentry)")
+    return Capabilities(release(), str(fs) if fs else None, btf() is not None, kp, fe)
 
 
 def _fn_hookable(cap: Capabilities, fn: str) -> tuple[str, str] | None:
