@@ -228,7 +228,7 @@ def memory(durations: list[int], tmp: Path) -> None:
             path = tmp / f"mem{d}.arrow"
             rec = subprocess.Popen([OVERCOMMIT, "record", "-q", "--events", "-d", str(d),
                                     "-o", str(path)], stderr=subprocess.DEVNULL)
-            hwm = 0
+            hwm = rss = 0
             seed = 0
             w = None
             while rec.poll() is None:
@@ -240,12 +240,15 @@ def memory(durations: list[int], tmp: Path) -> None:
                     for line in Path(f"/proc/{rec.pid}/status").read_text().splitlines():
                         if line.startswith("VmHWM:"):
                             hwm = max(hwm, int(line.split()[1]))
+                        elif line.startswith("VmRSS:"):
+                            rss = int(line.split()[1])
                 except OSError:
                     pass
                 time.sleep(0.5)
             stop(w)
             s = summarize(read(path))
-            print(f"   {d:4d}s: peak RSS {hwm / 1024:.1f} MiB, {s['ksm']['merged_pages']} merges, "
+            print(f"   {d:4d}s: peak RSS {hwm / 1024:.1f} MiB (bcc's compile), RSS at the end "
+                  f"{rss / 1024:.1f} MiB, {s['ksm']['merged_pages']} merges, "
                   f"file {path.stat().st_size / 2**20:.1f} MiB")
     finally:
         counters.write_ksm_settings({"run": 0})
