@@ -11,7 +11,8 @@ import pytest
 
 from tracer import guest
 from tracer.errors import UserError
-from tracer.lab import Guest, Settings
+from tracer.lab import LabGuest, Settings
+from tracer.qemu import Guest
 
 # Debian 12 (linux-image-6.1.0-*-amd64): `depends=` of the modules the guest loads.
 DEBIAN_6_1 = {
@@ -131,8 +132,8 @@ def test_settings_leave_room_for_the_balloon():
         Settings(guest_mib=160, balloon_mib=64).resolve()
 
 
-def _console(tmp_path: Path, text: str) -> Guest:
-    g = Guest("lab-1", 256, 96, "tcg", tmp_path)
+def _console(tmp_path: Path, text: str) -> LabGuest:
+    g = LabGuest("lab-1", 256, "tcg", tmp_path, fill_mib=96)
     g.state = "starting"
     g.console.write_text(text)
     return g
@@ -164,9 +165,9 @@ def test_guest_errors_are_user_errors(tmp_path):
 
 def test_qmp_socket_path_fits_sun_path(tmp_path):
     """A deep -o directory still gives QEMU a QMP socket path under 108 bytes."""
-    assert Guest("lab-1", 256, 96, "tcg", tmp_path).qmp_path == tmp_path / "lab-1.qmp"
+    assert Guest("lab-1", 256, "tcg", tmp_path).qmp_path == tmp_path / "lab-1.qmp"
     deep = tmp_path / ("d" * 120)
-    path = Guest("lab-1", 256, 96, "tcg", deep).qmp_path
+    path = Guest("lab-1", 256, "tcg", deep).qmp_path
     assert len(str(path)) < 108 and path.name == "lab-1.qmp"
 
 

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tracer.lab import Guest, Lab, Settings, stop_all
+from tracer.lab import Lab, LabGuest, Settings
+from tracer.qemu import stop_all
 from tracer.qmp import QMP, QMPCommandError, QMPError, QMPTimeout
 
 FAKE = Path(__file__).parent / "data" / "fake_qemu.py"
@@ -63,8 +64,8 @@ def _thread_server(path: Path, handler) -> threading.Thread:
     return t
 
 
-def _guest(tmp_path: Path, name: str, proc: subprocess.Popen) -> Guest:
-    g = Guest(name, 256, 0, "tcg", tmp_path)
+def _guest(tmp_path: Path, name: str, proc: subprocess.Popen) -> LabGuest:
+    g = LabGuest(name, 256, "tcg", tmp_path)
     g.proc = proc
     g.state = "ready"
     return g

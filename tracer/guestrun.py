@@ -18,11 +18,10 @@ results are read back with debugfs (nothing is mounted on the host) into the
 output directory: the recordings, doctor.json, guest.json (what the guest
 read itself), session.log; host.json says what the host asked through QMP.
 The guest is stopped whatever happens: QMP quit, then SIGTERM and SIGKILL by
-pid (and the kernel kills it should this process be killed).
+pid (and the kernel kills it should this process be killed): tracer/qemu.py.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -37,7 +36,7 @@ import click
 from . import guest_session as gs
 from . import image as guest_image
 from .errors import UserError
-from .lab import Guest, qemu_binary
+from .qemu import Guest, accel_option, choose_accel, qemu_binary
 from .qmp import QMPError
 
 MIB = 1 << 20
@@ -83,8 +82,7 @@ class Settings:
 
 @dataclass
 class GuestVM(Guest):
-    """The lab's QEMU process handling (console, QMP, stop by pid), booting
-    the Debian image instead of the lab's busybox guest."""
+    """The Debian image under QEMU, its results disk beside it."""
     cpus: int = 2
     results: Path | None = None
 
@@ -107,7 +105,7 @@ class GuestVM(Guest):
             "-drive", f"file={image.root},format=raw,if=virtio,snapshot=on",
             "-drive", f"file={self.results},format=raw,if=virtio",
             "-device", "virtio-balloon-pci,id=balloon0",
-            "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
+            "-qmp", self.qmp_arg,
             "-no-reboot",
         ]
 
@@ -141,38 +139,12 @@ def read_results(disk: Path, outdir: Path) -> list[str]:
     return got
 
 
-# -- KVM or TCG -------------------------------------------------------------------
-
-def _verdicts_path() -> Path:
-    return guest_image.CACHE / "kvm-verdicts.json"
-
-
-def _kvm_key(image: guest_image.GuestImage, qemu: str) -> str:
-    ver = subprocess.run([qemu, "--version"], capture_output=True, text=True, check=False).stdout
-    return hashlib.sha256(f"{os.uname().release}\0{image.release}\0{ver}".encode()).hexdigest()[:16]
-
-
-def _kvm_verdict(image, qemu) -> bool | None:
-    try:
-        return json.loads(_verdicts_path().read_text()).get(_kvm_key(image, qemu))
-    except (OSError, ValueError):
-        return None
-
-
-def _remember_kvm(image, qemu, ok: bool) -> None:
-    path = _verdicts_path()
-    try:
-        verdicts = json.loads(path.read_text())
-    except (OSError, ValueError):
-        verdicts = {}
-    verdicts[_kvm_key(image, qemu)] = ok
-    try:
-        path.write_text(json.dumps(verdicts, indent=1) + "\n")
-    except OSError:
-        pass
-
-
 # -- the run ----------------------------------------------------------------------
+
+def _printed(vm: GuestVM) -> bool:
+    """The guest booted: anything on its console."""
+    return vm.console.exists() and vm.console.stat().st_size > 0
+
 
 @dataclass
 class Run:
@@ -202,43 +174,20 @@ class Run:
     def start(self, accel: str) -> GuestVM:
         results = self.s.outdir / "results.img"
         _results_disk(results, self.session())
-        vm = GuestVM(f"oc-guest-{os.getpid()}", self.s.mib, 0, accel, self.s.outdir,
+        vm = GuestVM(f"oc-guest-{os.getpid()}", self.s.mib, accel, self.s.outdir,
                      cpus=self.s.cpus, results=results)
-        vm.start(self.image, self.qemu)
+        vm.start(vm.argv(self.image, self.qemu))
         self.vm = vm
         self.log(f"QEMU pid {vm.pid} ({accel.upper()}, {self.s.mib} MiB, {self.s.cpus} vCPUs); "
                  f"console {vm.console}")
         return vm
 
-    def first_line(self, vm: GuestVM, timeout: float) -> bool:
-        """Did the guest print anything within `timeout` s?"""
-        end = time.monotonic() + timeout
-        while time.monotonic() < end and vm.proc.poll() is None:
-            if vm.console.exists() and vm.console.stat().st_size > 0:
-                return True
-            time.sleep(0.2)
-        return vm.console.exists() and vm.console.stat().st_size > 0
-
     def boot(self) -> GuestVM:
-        want = self.s.accel
-        if want == "auto":
-            if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-                want = "tcg"
-            elif _kvm_verdict(self.image, self.qemu) is False:
-                self.log("KVM does not boot this guest here (cached verdict): TCG")
-                want = "tcg"
-        if want in ("auto", "kvm"):
-            vm = self.start("kvm")
-            ok = self.first_line(vm, KVM_PROBE_S)
-            if self.s.accel == "auto":
-                _remember_kvm(self.image, self.qemu, ok)
-            if ok:
-                return vm
-            vm.stop(quit_timeout=0.5)
-            if self.s.accel == "kvm":
-                raise UserError(f"the guest does not boot under KVM (console {vm.console})")
-            self.log(f"no console output under KVM within {KVM_PROBE_S:g}s: TCG (emulation)")
-        return self.start("tcg")
+        """Under KVM when the guest prints its first console line under it
+        within KVM_PROBE_S (that guest goes on), else under TCG."""
+        accel, vm = choose_accel(self.s.accel, self.qemu, self.image.release, self.start,
+                                 _printed, KVM_PROBE_S, self.log, keep=True)
+        return vm if vm is not None else self.start(accel)
 
     def balloon(self, vm: GuestVM, phase: str) -> None:
         q = vm.connect()
@@ -419,7 +368,8 @@ def render_checks(checked: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-@click.command("guest", epilog="""\b
+@click.command("guest", short_help="Run the tracer inside the Debian 12 guest.",
+               epilog="""\b
 Examples:
   overcommit lab guest                     # results in guest-out/
   overcommit lab guest -o /tmp/g --accel tcg
@@ -433,8 +383,7 @@ Then:  overcommit summary guest-out/guest.arrow""")
               help="How much the balloon inflates (MiB), then deflates.")
 @click.option("-i", "--interval", type=click.FloatRange(min=0.2), default=0.5,
               show_default=True, help="Seconds per interval of the guest's recording.")
-@click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), default="auto",
-              show_default=True, help="KVM, TCG, or KVM when the guest boots under it.")
+@accel_option
 def guest_command(outdir, mib, balloon_mib, interval, accel):
     """Run the tracer inside a Debian 12 guest (Linux 6.1: kprobes, no KSM
     tracepoints) while KSM merges in it and the host inflates and deflates

@@ -508,7 +508,8 @@ def build(say: Callable[[str], None] = lambda t: click.echo(t, err=True),
     return img
 
 
-@click.command("image", epilog="""\b
+@click.command("image", short_help="Build (or reuse) the Debian 12 guest for `lab guest`.",
+               epilog="""\b
 Examples:
   overcommit lab image              # build, or reuse what is cached
   overcommit lab image --rebuild    # fresh root file system (new packages)

@@ -17,29 +17,33 @@ Each interval also holds each guest's ``guest-stats`` (the balloon driver's
 statistics) and its balloon size as QMP reports it (rows ``guest_stats`` and
 ``qmp``, see tracer/recording.py), and the phase boundaries (rows ``lab``).
 Every guest is stopped at the end whatever happens (QMP quit, then SIGTERM,
-then SIGKILL, by pid; and the kernel kills them should this process die),
-and every KSM setting changed is restored, also on Ctrl-C and SIGTERM.
+then SIGKILL, by pid; and the kernel kills them should this process die:
+tracer/qemu.py), and every KSM setting changed is restored, also on Ctrl-C
+and SIGTERM.
+
+`lab image` and `lab guest` (tracer/image.py, tracer/guestrun.py): the
+tracer inside a Debian 12 guest.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import click
+from click.core import ParameterSource
 
 from . import counters, guest, procs
 from .errors import UserError
-from .qmp import QMP, QMPCommandError, QMPError
+from .guestrun import guest_command
+from .image import image_command
+from .qemu import Guest, accel_option, choose_accel, qemu_binary, stop_all
+from .qmp import QMPCommandError, QMPError
 
 MIB = 1 << 20
 PAGE = 4096
@@ -54,7 +58,6 @@ BOOT_TIMEOUT_S = 120.0  # TCG boots and fills in ~10 s on 2 cores
 MERGE_TIMEOUT_S = 90.0
 BALLOON_TIMEOUT_S = 90.0
 SETTLE_S = 5.0          # merging / ballooning "has settled" after this long unchanged
-QMP_TIMEOUT_S = 10.0
 HOLD_S = 5.0            # intervals recorded with the balloons inflated, and at the end
 
 
@@ -67,55 +70,14 @@ class LabTimeout(UserError):
     """A phase did not finish in time."""
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child
-    """The kernel kills the guest should the lab itself be killed (kill -9)."""
-    import ctypes
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-def qemu_binary() -> str:
-    path = shutil.which("qemu-system-x86_64")
-    if not path:
-        raise UserError("qemu-system-x86_64 not found: apt-get install qemu-system-x86 "
-                        "(or dnf install qemu-system-x86)")
-    return path
-
-
 @dataclass
-class Guest:
-    """One QEMU process, named lab-N, and what the lab knows about it."""
-    name: str
-    mib: int
-    fill_mib: int
-    accel: str
-    dir: Path
-    proc: subprocess.Popen | None = None
-    qmp: QMP | None = None
-    state: str = "not started"
-    console_pos: int = 0
-    started: float = 0.0
-    quit_sent: bool = False
+class LabGuest(Guest):
+    """A lab guest (lab-N): the tiny busybox guest filling fill_mib MiB of
+    its RAM with the pages every lab guest fills, and its balloon."""
+    fill_mib: int = 0
     comm: str = "qemu-system-x86"
     target: int = 0           # balloon target (bytes of guest RAM)
     actual: int = 0           # last query-balloon
-    last_lines: list[str] = field(default_factory=list)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid if self.proc else 0
-
-    @property
-    def console(self) -> Path:
-        return self.dir / f"{self.name}.console"
-
-    @property
-    def qmp_path(self) -> Path:
-        path = self.dir / f"{self.name}.qmp"
-        if len(str(path)) < 100:
-            return path
-        # A UNIX socket's path must fit in 108 bytes (sun_path).
-        return Path(tempfile.gettempdir()) / f"overcommit-lab-{os.getpid()}" / path.name
 
     def argv(self, image: guest.Image, qemu: str) -> list[str]:
         return [
@@ -129,38 +91,9 @@ class Guest:
             "-kernel", str(image.kernel), "-initrd", str(image.initrd),
             "-append", f"console=ttyS0 panic=-1 lab.fill_mib={self.fill_mib}",
             "-device", "virtio-balloon-pci,id=balloon0",
-            # (QEMU option syntax: a comma in a value is written twice)
-            "-qmp", f"unix:{str(self.qmp_path).replace(',', ',,')},server=on,wait=off",
+            "-qmp", self.qmp_arg,
             "-no-reboot",
         ]
-
-    def start(self, image: guest.Image, qemu: str) -> None:
-        for p in (self.console, self.qmp_path):
-            p.unlink(missing_ok=True)
-        self.qmp_path.parent.mkdir(parents=True, exist_ok=True)
-        self.console.touch()
-        with open(self.dir / f"{self.name}.qemu.log", "wb") as log:
-            # preexec_fn: the lab runs no threads of its own while starting guests
-            self.proc = subprocess.Popen(self.argv(image, qemu), stdin=subprocess.DEVNULL,
-                                         stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True,  # Ctrl-C is the lab's
-                                         preexec_fn=_die_with_parent)  # noqa: PLW1509
-        self.started = time.monotonic()
-        self.state = "starting"
-
-    def new_lines(self) -> list[str]:
-        """Serial console lines since the last call."""
-        try:
-            with open(self.console, "rb") as f:
-                f.seek(self.console_pos)
-                data = f.read()
-        except OSError:
-            return []
-        end = data.rfind(b"\n") + 1
-        self.console_pos += end
-        lines = data[:end].decode(errors="replace").splitlines()
-        self.last_lines = (self.last_lines + lines)[-8:]
-        return lines
 
     def states(self) -> list[str]:
         """Boot states reached since the last call, from the console."""
@@ -179,135 +112,6 @@ class Guest:
                 raise UserError(f"{self.name}: guest kernel panic: {line.strip()} "
                                 f"(console: {self.console})")
         return out
-
-    def check_alive(self) -> None:
-        if self.proc and self.proc.poll() is not None:
-            log = (self.dir / f"{self.name}.qemu.log").read_text(errors="replace").strip()
-            raise UserError(f"{self.name}: QEMU exited with status {self.proc.returncode}"
-                            + (f": {log.splitlines()[-1]}" if log else "")
-                            + f" (console: {self.console})")
-
-    def connect(self) -> QMP:
-        if self.qmp is None:
-            self.qmp = QMP(self.qmp_path, QMP_TIMEOUT_S, name=self.name)
-        return self.qmp
-
-    def request_quit(self, timeout: float = 2.0) -> None:
-        """Ask QEMU to quit (QMP), without waiting for it to exit."""
-        if self.proc is None or self.proc.poll() is not None or self.qmp is None \
-                or self.quit_sent:
-            return
-        self.quit_sent = True
-        try:
-            self.qmp.execute("quit", timeout=timeout)
-        except QMPError:
-            pass   # hung, or gone while answering: stop() sends signals
-
-    def stop(self, quit_timeout: float = 2.0, term_timeout: float = 5.0) -> int | None:
-        """Stop QEMU by its pid: QMP quit, then SIGTERM, then SIGKILL."""
-        stop_all([self], quit_timeout, term_timeout)
-        return self.proc.returncode if self.proc else None
-
-
-def _wait_all(procs: list[subprocess.Popen], timeout: float) -> None:
-    end = time.monotonic() + timeout
-    for p in procs:
-        try:
-            p.wait(max(0.0, end - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            pass
-
-
-def stop_all(guests: list[Guest], quit_timeout: float = 2.0, term_timeout: float = 5.0) -> None:
-    """Stop every guest by its pid, all at once: QMP quit, then SIGTERM, then
-    SIGKILL for those still there.  A hung guest neither keeps the others
-    running nor makes them wait in turn."""
-    started = [g for g in guests if g.proc is not None]
-    for g in started:
-        g.request_quit(quit_timeout)
-    if any(g.quit_sent for g in started):
-        _wait_all([g.proc for g in started], quit_timeout)
-    for sig, timeout in ((signal.SIGTERM, term_timeout), (signal.SIGKILL, 30.0)):
-        alive = [g.proc for g in started if g.proc.poll() is None]
-        for p in alive:
-            try:
-                os.kill(p.pid, sig)
-            except ProcessLookupError:
-                pass
-        _wait_all(alive, timeout)
-    for g in started:
-        if g.qmp is not None:
-            g.qmp.close()
-            g.qmp = None
-        g.state = "stopped"
-        g.qmp_path.unlink(missing_ok=True)
-        if g.qmp_path.parent != g.dir:
-            try:
-                g.qmp_path.parent.rmdir()
-            except OSError:
-                pass   # another guest's socket is still there
-
-
-# -- KVM or TCG ---------------------------------------------------------------
-
-def _kvm_cache_key(image: guest.Image, qemu: str) -> str:
-    ver = subprocess.run([qemu, "--version"], capture_output=True, text=True,
-                         check=False).stdout
-    h = hashlib.sha256(f"{os.uname().release}\0{image.origin}\0{ver}".encode())
-    return h.hexdigest()[:16]
-
-
-def choose_accel(image: guest.Image, qemu: str, workdir: Path, say: Callable[[str], None],
-                 want: str = "auto") -> str:
-    """KVM when a guest actually boots under it here, else TCG.
-
-    /dev/kvm can exist and still not run a stock kernel (nested
-    virtualization without the CPU features it needs: the guest hangs before
-    its first console line).  A guest that prints nothing within
-    KVM_PROBE_S does not boot; the verdict is cached per host kernel, guest
-    kernel and QEMU version.
-    """
-    if want != "auto":
-        return want
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        say("No usable /dev/kvm: guests run under TCG (emulation).")
-        return "tcg"
-    cache = guest.CACHE / "kvm-verdicts.json"
-    key = _kvm_cache_key(image, qemu)
-    try:
-        verdicts = json.loads(cache.read_text())
-    except (OSError, ValueError):
-        verdicts = {}
-    if key in verdicts:
-        ok = verdicts[key]["kvm"]
-        say(f"KVM {'boots' if ok else 'does not boot'} this guest here "
-            f"(found on {verdicts[key]['at']}, cached in {cache}): using {'KVM' if ok else 'TCG'}.")
-        return "kvm" if ok else "tcg"
-    say(f"Trying KVM: does a guest boot under it within {KVM_PROBE_S:g}s?")
-    probe = Guest("lab-kvm-probe", 128, 0, "kvm", workdir)
-    try:
-        probe.start(image, qemu)
-        deadline = time.monotonic() + KVM_PROBE_S
-        ok = False
-        while time.monotonic() < deadline and probe.proc.poll() is None:
-            probe.new_lines()
-            if any(line.startswith(guest.MARKER) for line in probe.last_lines):
-                ok = True
-                break
-            time.sleep(0.2)
-    finally:
-        probe.stop(quit_timeout=0.5)
-        for suffix in (".console", ".qemu.log"):
-            (workdir / f"lab-kvm-probe{suffix}").unlink(missing_ok=True)
-    say("KVM boots the guest: using KVM." if ok else
-        f"The guest does not boot under KVM here (no init within {KVM_PROBE_S:g}s): "
-        "using TCG (emulation).")
-    verdicts[key] = {"kvm": ok, "at": time.strftime("%Y-%m-%d")}
-    try:
-        cache.write_text(json.dumps(verdicts, indent=1))
-    except OSError:
-        pass
-    return "kvm" if ok else "tcg"
 
 
 # -- the scenario ---------------------------------------------------------------
@@ -339,7 +143,7 @@ class Settings:
 
 
 class Lab:
-    def __init__(self, s: Settings, rec, stop, guests: list[Guest], image: guest.Image,
+    def __init__(self, s: Settings, rec, stop, guests: list[LabGuest], image: guest.Image,
                  qemu: str, accel: str, say: Callable[[str], None]):
         self.s, self.rec, self.stop = s, rec, stop
         self.guests, self.image, self.qemu, self.accel = guests, image, qemu, accel
@@ -407,7 +211,7 @@ class Lab:
         self.log(f"booting {len(self.guests)} guests ({self.accel.upper()}): "
                  f"{self.s.guest_mib} MiB each, filling {self.s.fill_mib} MiB with the same pages")
         for g in self.guests:
-            g.start(self.image, self.qemu)
+            g.start(g.argv(self.image, self.qemu))
             self.log(f"{g.name}: QEMU pid {g.pid}")
         for g in self.guests:
             g.connect()
@@ -493,6 +297,11 @@ class Lab:
             self.tick()
 
 
+def _init_started(g: LabGuest) -> bool:
+    """The guest booted: its /init printed a line."""
+    return any(line.startswith(guest.MARKER) for line in g.new_lines())
+
+
 def run(s: Settings, say: Callable[[str], None] = lambda t: click.echo(t, err=True)) -> Path:
     """The whole lab; returns the recording's path."""
     s.resolve()
@@ -506,10 +315,15 @@ def run(s: Settings, say: Callable[[str], None] = lambda t: click.echo(t, err=Tr
     s.outdir.mkdir(parents=True, exist_ok=True)
     image = guest.build(say)
     say(f"Guest: {image.origin}, busybox initramfs {image.initrd}")
-    accel = choose_accel(image, qemu, s.outdir, say, s.accel)
+
+    def probe(accel: str) -> LabGuest:   # a lab guest filling nothing
+        g = LabGuest("lab-kvm-probe", 128, accel, s.outdir)
+        g.start(g.argv(image, qemu))
+        return g
+    accel, _ = choose_accel(s.accel, qemu, image.origin, probe, _init_started, KVM_PROBE_S, say)
     from .record import Recorder, StopFlag, banner
     output = s.outdir / "lab.arrow"
-    guests = [Guest(f"lab-{i + 1}", s.guest_mib, s.fill_mib, accel, s.outdir)
+    guests = [LabGuest(f"lab-{i + 1}", s.guest_mib, accel, s.outdir, fill_mib=s.fill_mib)
               for i in range(s.guests)]
     ksm = dict(KSM_LAB)
     if "advisor_mode" in counters.read_ksm_settings():
@@ -549,13 +363,7 @@ def run(s: Settings, say: Callable[[str], None] = lambda t: click.echo(t, err=Tr
 
 
 def _report(recording: Path, html: Path, say) -> bool:
-    """The HTML report, if this installation has the `report` command."""
-    from . import cli
-    try:   # the reports package is optional (and its command imported lazily)
-        if cli.main.get_command(click.Context(cli.main), "report") is None:
-            return False
-    except ImportError:
-        return False
+    """The HTML report of the recording (`overcommit report`)."""
     r = subprocess.run([sys.executable, "-c", "from tracer.cli import main; main()",
                         "report", str(recording), "-o", str(html)],
                        capture_output=True, text=True, check=False)
@@ -565,11 +373,14 @@ def _report(recording: Path, html: Path, say) -> bool:
     return True
 
 
-@click.command("lab", epilog="""\b
+@click.group("lab", invoke_without_command=True, subcommand_metavar="[COMMAND [ARGS]...]",
+             epilog="""\b
 Examples:
   overcommit lab                               # 2 guests of 256 MiB, 64 MiB balloons
   overcommit lab --guests 3 -o /tmp/lab        # three guests
   overcommit lab --guest-mib 512 --balloon-mib 128
+  overcommit lab image                         # build (or reuse) the Debian 12 guest
+  overcommit lab guest -o guest-out            # the tracer inside that guest
 Then:  overcommit summary lab-out/lab.arrow""")
 @click.option("--guests", type=click.IntRange(1, 32), default=2, show_default=True,
               help="Number of guests.")
@@ -584,18 +395,28 @@ Then:  overcommit summary lab-out/lab.arrow""")
               help="Directory for the recording, report, consoles and QMP sockets.")
 @click.option("-i", "--interval", type=click.FloatRange(min=0.2), default=1.0,
               show_default=True, help="Seconds per recording interval.")
-@click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), default="auto",
-              show_default=True, help="KVM, TCG, or KVM when a guest boots under it.")
-def lab_command(guests, guest_mib, balloon_mib, fill_mib, outdir, interval, accel):
+@accel_option
+@click.pass_context
+def lab_command(ctx, guests, guest_mib, balloon_mib, fill_mib, outdir, interval, accel):
     """Boot similar guests and watch KSM and balloons overcommit them.
 
-    Builds a tiny guest (a distribution kernel and a busybox initramfs,
-    cached), boots GUESTS of them with QEMU, fills them with the same pages,
-    switches host KSM on, records, inflates and deflates every balloon through
-    QMP, and leaves the recording (lab.arrow), the summary and, where the
-    report command exists, report.html in the output directory.  KSM
+    Without a command: builds a tiny guest (a distribution kernel and a
+    busybox initramfs, cached), boots GUESTS of them with QEMU, fills them
+    with the same pages, switches host KSM on, records, inflates and deflates
+    every balloon through QMP, and leaves the recording (lab.arrow), the
+    summary and the report (report.html) in the output directory.  KSM
     settings are restored and all guests stopped at the end, whatever happens.
+
+    `lab image` builds a Debian 12 guest with the tracer in it; `lab guest`
+    runs the tracer inside that guest.
     """
+    if ctx.invoked_subcommand is not None:
+        given = [p.opts[-1] for p in ctx.command.params
+                 if ctx.get_parameter_source(p.name) is not ParameterSource.DEFAULT]
+        if given:
+            raise click.UsageError(f"{', '.join(given)}: options of `lab` itself, "
+                                   f"not of `lab {ctx.invoked_subcommand}`")
+        return
     from .summary import run as summary
     s = Settings(guests, guest_mib, balloon_mib, fill_mib, outdir, interval, accel)
     say = lambda t: click.echo(t, err=True)
@@ -605,3 +426,7 @@ def lab_command(guests, guest_mib, balloon_mib, fill_mib, outdir, interval, acce
     made = _report(output, html, say)
     say(f"\nResults in {outdir}/: lab.arrow (overcommit summary {output}), lab.json"
         + (", report.html" if made else "") + ", guest consoles lab-*.console")
+
+
+lab_command.add_command(image_command)
+lab_command.add_command(guest_command)
