@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tracer import counters
+from tracer.counters import wait_stable  # noqa: F401 (tests import it from here)
 
 OVERCOMMIT = str(Path(sys.executable).parent / "overcommit")
 ROOT = os.geteuid() == 0
@@ -131,20 +132,6 @@ def recorder():
         if r.proc.poll() is None:
             r.proc.kill()
             r.proc.wait()
-
-
-def wait_stable(read, settle: float = 1.5, timeout: float = 60.0, poll: float = 0.25):
-    """Wait until read() has returned the same value for `settle` seconds."""
-    deadline = time.monotonic() + timeout
-    last, since = read(), time.monotonic()
-    while time.monotonic() < deadline:
-        time.sleep(poll)
-        cur = read()
-        if cur != last:
-            last, since = cur, time.monotonic()
-        elif time.monotonic() - since >= settle:
-            return cur
-    raise TimeoutError(f"still changing after {timeout}s: {last}")
 
 
 @pytest.fixture(scope="session")

@@ -59,6 +59,19 @@ def _sum(row: pd.Series | dict, names) -> int:
     return int(sum(int(row.get(n, 0)) for n in names))
 
 
+def _ksm_numbers(row, unmerged: int, seen: int) -> dict[str, int]:
+    """The KSM summary fields, from event counts (a process's or the total)."""
+    return {
+        "merged_pages": _sum(row, MERGED),
+        "new_ksm_pages": int(row.get("new_ksm_page", 0)),
+        "zero_page_merges": int(row.get("merge_zero_page", 0)),
+        "merge_failures": _sum(row, FAILED),
+        "unmerged_pages": unmerged,
+        "unmerged_pages_seen": seen,
+        "unmerged_pages_derived": unmerged - seen,
+    }
+
+
 def processes(df: pd.DataFrame) -> list[dict[str, Any]]:
     """Per process: events, and unmerges made exact with the kernel's own
     ksm_merging_pages (KSM notices most COW breaks only on ksmd's next visit,
@@ -99,13 +112,7 @@ def processes(df: pd.DataFrame) -> list[dict[str, Any]]:
         vm = who.vm.get(pid) if pid in who.index else None
         out.append({
             "pid": int(pid), "comm": comm, "vm": vm if isinstance(vm, str) else None,
-            "merged_pages": merged,
-            "new_ksm_pages": int(row.get("new_ksm_page", 0)),
-            "zero_page_merges": int(row.get("merge_zero_page", 0)),
-            "merge_failures": _sum(row, FAILED),
-            "unmerged_pages": unmerged,
-            "unmerged_pages_seen": seen,
-            "unmerged_pages_derived": unmerged - seen,
+            **_ksm_numbers(row, unmerged, seen),
             "ksm_merging_pages_start": start,
             "ksm_merging_pages_end": end,
             "exited": gone,
@@ -163,13 +170,7 @@ def summarize(rec: Recording) -> dict[str, Any]:
         "lost_by_kind": lost,
         "attach": {a["event"]: a["mode"] for a in meta.get("attach", [])},
         "ksm": {
-            "merged_pages": merged,
-            "new_ksm_pages": int(totals.get("new_ksm_page", 0)),
-            "zero_page_merges": int(totals.get("merge_zero_page", 0)),
-            "merge_failures": _sum(totals, FAILED),
-            "unmerged_pages": unmerged,
-            "unmerged_pages_seen": seen,
-            "unmerged_pages_derived": unmerged - seen,
+            **_ksm_numbers(totals, unmerged, seen),
             "ksm_pages_removed": int(totals.get("remove_ksm_page", 0)),
             "full_scans": int(len(scans)) if len(scans) else delta(ksm_first, ksm_last, "full_scans") or 0,
             "scan_duration_s_mean": (round(float(scans.duration_ns.mean()) / 1e9, 4)

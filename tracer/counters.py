@@ -11,6 +11,7 @@ import errno
 import os
 import re
 import signal
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -284,3 +285,18 @@ def ksmd_cpu_ns(pid: int, root: Path = Path("/")) -> int | None:
     (CONFIG_SCHED_INFO), exact where utime/stime are tick-sampled."""
     text = _read_proc_file(Path(root) / "proc" / str(pid) / "schedstat")
     return int(text.split()[0]) if text else None
+
+
+def wait_stable(read, settle: float = 1.5, timeout: float = 60.0, poll: float = 0.25):
+    """read() once it has returned the same value for `settle` seconds: KSM
+    counters move in bursts, one per ksmd batch, so "done" means "quiet"."""
+    deadline = time.monotonic() + timeout
+    last, since = read(), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(poll)
+        cur = read()
+        if cur != last:
+            last, since = cur, time.monotonic()
+        elif time.monotonic() - since >= settle:
+            return cur
+    raise TimeoutError(f"still changing after {timeout:g}s: {last}")

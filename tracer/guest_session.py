@@ -39,6 +39,8 @@ import time
 import traceback
 from pathlib import Path
 
+from tracer.counters import wait_stable
+
 MARKER = "OC-GUEST:"
 READY_INFLATE = "ready-for-inflate"
 READY_DEFLATE = "ready-for-deflate"
@@ -134,20 +136,6 @@ def poweroff() -> None:
 
 
 # -- the session ------------------------------------------------------------------
-
-def wait_stable(read, settle: float, timeout: float, poll: float = 0.25):
-    """read() once it has not changed for `settle` s."""
-    end = time.monotonic() + timeout
-    last, since = read(), time.monotonic()
-    while time.monotonic() < end:
-        time.sleep(poll)
-        cur = read()
-        if cur != last:
-            last, since = cur, time.monotonic()
-        elif time.monotonic() - since >= settle:
-            return cur
-    raise TimeoutError(f"still changing after {timeout:g}s: {last}")
-
 
 def start_workload(args: list[str]) -> subprocess.Popen:
     return subprocess.Popen([OVERCOMMIT, "workload", *args], stdout=subprocess.PIPE,
