@@ -7,9 +7,8 @@ def test_every_kind_in_the_header_is_described():
     assert set(fields.kinds().values()) == set(fields.EVENTS)
 
 
-def test_kind_values_round_trip():
-    for value, name in fields.kinds().items():
-        assert fields.kind_value(name) == value
+def test_kind_values_are_distinct():
+    assert len(set(fields.kinds().values())) == len(fields.kinds())
 
 
 def test_summary_parts_are_event_kinds():

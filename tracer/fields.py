@@ -37,10 +37,6 @@ def kinds() -> dict[int, str]:
     return out
 
 
-def kind_value(name: str) -> int:
-    return {v: k for k, v in kinds().items()}[name]
-
-
 # Event kinds, as counted in the kernel and stored in the recording.
 EVENTS = {f.name: f for f in [
     Field("merge_with_ksm_page", "pages",
@@ -162,7 +158,3 @@ LIVE = {f.name: f for f in [
     Field("last_interval", "seconds", "end of the latest interval traced (Unix time)"),
     Field("tracer", "", "the tracer: version, kernel and attach mode per concern"),
 ]}
-
-
-def describe(name: str) -> Field:
-    return EVENTS.get(name) or SUMMARY[name]

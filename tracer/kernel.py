@@ -227,9 +227,6 @@ class Plan:
     kprobes: list[Probe]
     defines: dict[str, int]
 
-    def mode(self, concern: str) -> str:
-        return self.modes[concern]
-
 
 def _ksm(cap: Capabilities, plan: Plan) -> None:
     if tracepoint_exists("ksm", "ksm_merge_with_ksm_page"):
