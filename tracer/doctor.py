@@ -53,7 +53,7 @@ def check() -> dict:
         problems.append({"what": "no kernel headers for bcc", "fix": headers.INSTALL_HINT})
     if kernel.version() < (5, 8):
         problems.append({"what": "no BPF ring buffer (Linux 5.8+): events cannot be streamed",
-                         "fix": "a kernel of 5.8 or later (RHEL 8.5+ backports it)"})
+                         "fix": "a kernel of 5.8 or later"})
     if not cap.btf:
         problems.append({"what": "no kernel BTF", "fix": "a kernel with CONFIG_DEBUG_INFO_BTF=y"})
     if not ksm["available"]:
