@@ -158,3 +158,8 @@ LIVE = {f.name: f for f in [
     Field("last_interval", "seconds", "end of the latest interval traced (Unix time)"),
     Field("tracer", "", "the tracer: version, kernel and attach mode per concern"),
 ]}
+
+
+def describe(name: str) -> Field:
+    """The field of an event kind or a summary field."""
+    return EVENTS.get(name) or SUMMARY[name]
