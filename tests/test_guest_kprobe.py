@@ -121,7 +121,9 @@ def test_per_process_merges_match_ksm_merging_pages(guest, recording):
         # Every page has a twin: all of it became KSM-mapped, each page once.
         assert g["ksm_merging_pages_merged"] == pages
         assert w["merged_pages"] == pages, w
-        assert w["merge_failures"] == 0, w
+        # A merge attempt may fail and be retried on ksmd's next pass (the
+        # folio lock taken, the page written meanwhile): no fixed number, but
+        # both variants must see the same ones (test_kprobe_and_fentry_...).
         new_ksm_pages[seed] += w["new_ksm_pages"]
         sharers.setdefault(seed, Counter()).update(_contents(args))
         if w["unmerges"]:
