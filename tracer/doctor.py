@@ -35,9 +35,9 @@ def check() -> dict:
     cap = kernel.capabilities()
     hdrs = headers.find()
     try:
+        now = counters.read_ksm()
         ksm = {"available": True, "settings": counters.read_ksm_settings(),
-               "pages_shared": counters.read_ksm()["pages_shared"],
-               "pages_sharing": counters.read_ksm()["pages_sharing"]}
+               "pages_shared": now["pages_shared"], "pages_sharing": now["pages_sharing"]}
     except counters.KsmUnavailable as e:
         ksm = {"available": False, "fix": str(e)}
     plan = kernel.plan(cap) if cap.btf else None
